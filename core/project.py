@@ -1,0 +1,57 @@
+"""Python API: `Project(params, backend="local", process=True).create()` runs one training run.
+
+    from core import LLMTrainingParams, Project
+    Project(LLMTrainingParams(model=..., data_path=..., project_name=..., peft=True)).create()
+
+create() writes <project_name>/config.yaml, then trains: in a child process (process=True, the
+default, as the CLI and the web UI do) or in this process (process=False). Returns the exit code.
+"""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from core import config_io
+from core.errors import ConfigError
+from core.launch import build_command, build_env
+from core.params import LLMTrainingParams
+
+
+class Project:
+    def __init__(self, params: LLMTrainingParams, backend: str = "local", process: bool = True):
+        if backend != "local" or params.backend != "local":
+            raise ConfigError(f"backend '{params.backend if backend == 'local' else backend}' is not "
+                              "available in this build (no network); use backend local")
+        self.params = params
+        self.process = process
+        self.run_dir = Path(params.project_name)
+
+    @property
+    def config_path(self) -> Path:
+        return self.run_dir / "config.yaml"
+
+    def check(self) -> None:
+        """Refuse what cannot run before any compute is spent."""
+        from core.stages import STAGES, not_implemented_message
+
+        if self.params.stage not in STAGES:
+            raise ConfigError(not_implemented_message(self.params))
+
+    def write_config(self) -> Path:
+        self.check()
+        return config_io.save(self.params, self.config_path)
+
+    def create(self) -> int:
+        path = self.write_config()
+        if not self.process:
+            from core.run import train
+
+            return train(self.params, self.run_dir)
+        child = subprocess.Popen(build_command(self.params, path), env=build_env(self.params))
+        while True:
+            try:
+                return child.wait()
+            except KeyboardInterrupt:
+                # Ctrl+C reached the child too: it saves a checkpoint and exits; wait for it
+                # instead of killing it mid-save (a second Ctrl+C during the wait does the same).
+                print("Interrupted: the run is saving a checkpoint before it stops...", flush=True)

@@ -1,0 +1,41 @@
+"""The stage registry: STAGES is the only list of what `--trainer` can run.
+
+A stage is one module in this package with `run(params, run_dir) -> dict` (final metrics).
+Stages named in PLANNED parse and validate but stop with a clear message until they land.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+from core.params import LLMTrainingParams
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    title: str
+    data_kind: str  # the canonical records it trains on: sft | text | preference | kto
+    entry: str  # "module:function", imported only when the stage runs
+
+    def runner(self) -> Callable:
+        module, func = self.entry.split(":")
+        return getattr(importlib.import_module(module), func)
+
+
+STAGES: dict[str, Stage] = {
+    "sft": Stage("sft", "Supervised fine-tuning", "sft", "core.stages.sft:run"),
+}
+
+# Listed in the UI and accepted by the schema; the training code is a later issue.
+PLANNED: dict[str, str] = {
+    "pt": "Pre-training", "reward": "Reward modeling", "dpo": "DPO", "orpo": "ORPO",
+    "simpo": "SimPO", "kto": "KTO", "ppo": "PPO", "distillation": "Knowledge distillation",
+}
+
+
+def not_implemented_message(params: LLMTrainingParams) -> str:
+    return (f"--trainer {params.trainer} ({PLANNED.get(params.stage, params.stage)}) is not implemented yet "
+            f"in this version: its parameters are valid, but only {', '.join(sorted(STAGES))} "
+            "(--trainer default/sft/generic) can train now")

@@ -23,14 +23,19 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _plain_type(name: str) -> Any:
+    """The field's annotation without Optional."""
+    ann = LLMTrainingParams.model_fields[name].annotation
+    if typing.get_origin(ann) is typing.Union:
+        ann = next(a for a in typing.get_args(ann) if a is not type(None))
+    return ann
+
+
 def _arg_spec(name: str) -> dict[str, Any]:
     """argparse keywords for one schema field, from its annotation."""
     field = LLMTrainingParams.model_fields[name]
-    ann = field.annotation
+    ann = _plain_type(name)
     args = typing.get_args(ann)
-    if typing.get_origin(ann) is typing.Union:  # Optional[X] -> X
-        ann = next(a for a in args if a is not type(None))
-        args = typing.get_args(ann)
     default = field.default
     help_text = field.description or ""
     if default is not None and not field_meta(name).get("secret"):
@@ -95,8 +100,8 @@ def parse_llm(argv: Sequence[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
     ns = llm_parser(known.trainer).parse_args(argv)
     given = {k: v for k, v in vars(ns).items() if k not in ("train", "config", "dry_run")}
     for k, v in list(given.items()):
-        if v == "none" and "choices" in _arg_spec(k):
-            given[k] = None
+        if v == "none" and "none" not in typing.get_args(_plain_type(k)):
+            given[k] = None  # `--mixed-precision none` spells an unset optional choice
     return ns, given
 
 

@@ -93,7 +93,8 @@ def from_dict(doc: Any, source: str = "config") -> LLMTrainingParams:
     for key, value in (doc.get("hub") or {}).items():
         kw[key] = value
     if "column_mapping" in params:
-        extra_columns = {**(params.pop("column_mapping") or {}), **extra_columns}
+        mapping = build({"column_mapping": params.pop("column_mapping")}, source).column_mapping
+        extra_columns = {**(mapping or {}), **extra_columns}
     kw["column_mapping"] = extra_columns or None
     overlap = set(params) & set(kw) - {"column_mapping"}
     if overlap:

@@ -36,6 +36,11 @@ class Project:
 
         if self.params.stage not in STAGES:
             raise ConfigError(not_implemented_message(self.params))
+        # Read and validate the data now: a malformed record is reported in seconds, with its
+        # file and record number, instead of after the model has loaded in the child process.
+        from core.stages.common import load_records
+
+        load_records(self.params, kind=STAGES[self.params.stage].data_kind)
 
     def write_config(self) -> Path:
         self.check()

@@ -1,0 +1,136 @@
+"""Canonical records -> input_ids, attention_mask, labels (-100 where the loss is off).
+
+Conversations go through core.templates (render + assistant mask); plain text is trained whole.
+Truncation to cutoff_len keeps the answer: the oldest turns go first, then the prompt is cut
+from the left (its bos kept), and only an answer longer than cutoff_len loses its end.
+
+A record with nothing left to train (every label -100, e.g. an empty answer) is untrainable:
+encode_sft_record / encode_text_record return None for it and tokenize_dataset drops it with a
+warning that counts them.
+"""
+from __future__ import annotations
+
+import logging
+
+from core.errors import DataError
+from core.templates import IGNORE_INDEX, encode_turns, turns_to_labels
+
+log = logging.getLogger(__name__)
+
+
+def _example(input_ids: list[int], labels: list[int]) -> dict | None:
+    # labels[0] is never a target (a causal LM predicts token t from tokens < t), so a record
+    # whose only trained token is the first one trains nothing either.
+    if all(label == IGNORE_INDEX for label in labels[1:]):
+        return None
+    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+
+
+def _later_starts(messages: list[dict]) -> list[list[dict]]:
+    """The conversation without its 1, 2, ... oldest user/assistant exchanges (system kept)."""
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    body = messages[len(system):]
+    starts = [i for i, m in enumerate(body) if m["role"] == "user" and i > 0]
+    return [system + body[i:] for i in starts
+            if any(m["role"] == "assistant" for m in body[i:])]
+
+
+def _cut_left(prompt: list[int], budget: int, bos: int | None) -> list[int]:
+    """The last `budget` prompt tokens, keeping a leading bos."""
+    if budget <= 0:
+        return []
+    if bos is not None and prompt[:1] == [bos] and len(prompt) > budget:
+        return [bos] + prompt[len(prompt) - budget + 1:] if budget > 1 else [bos]
+    return prompt[max(0, len(prompt) - budget):]
+
+
+def encode_sft_record(tokenizer, record: dict, chat_template: str | None, *, cutoff_len: int,
+                      train_on_prompt: bool = False, mask_history: bool = False,
+                      add_eos_token: bool = True) -> dict | None:
+    """One canonical conversation -> {input_ids, attention_mask, labels}, or None if untrainable.
+
+    chat_template: one of our names, Jinja source, or None (contents concatenated).
+    """
+    messages, tools = record["messages"], record.get("tools")
+    opts = dict(tools=tools, add_eos_token=add_eos_token)
+    turns = encode_turns(tokenizer, messages, chat_template, **opts)
+    for shorter in _later_starts(messages):  # drop history, oldest first, until it fits
+        if sum(len(p) + len(a) for p, a in turns) <= cutoff_len:
+            break
+        turns = encode_turns(tokenizer, shorter, chat_template, **opts)
+    if sum(len(p) + len(a) for p, a in turns) > cutoff_len:
+        # one exchange left: everything before the last answer is prompt
+        *history, (prompt, answer) = turns
+        for p, a in history:
+            prompt = p + a + prompt
+        bos = tokenizer.bos_token_id
+        keep_bos = 1 if bos is not None and prompt[:1] == [bos] else 0
+        if len(answer) > cutoff_len - keep_bos:  # the answer alone is too long: cut its end
+            prompt, answer = prompt[:keep_bos], answer[: cutoff_len - keep_bos]
+        else:
+            prompt = _cut_left(prompt, cutoff_len - len(answer), bos)
+        turns = [(prompt, answer)]  # earlier answers, if any, are now part of the prompt
+        mask_history = True
+    input_ids, labels = turns_to_labels(turns, train_on_prompt=train_on_prompt,
+                                        mask_history=mask_history)
+    return _example(input_ids, labels)
+
+
+def encode_text_record(tokenizer, text: str, *, cutoff_len: int,
+                       add_eos_token: bool = True) -> dict | None:
+    """Plain text, every token trained; bos as the tokenizer adds it, eos appended if asked.
+
+    Text longer than cutoff_len keeps its beginning (and so loses the eos: it did not end).
+    """
+    if not text.strip():
+        return None
+    input_ids = tokenizer(text)["input_ids"]
+    eos = tokenizer.eos_token_id
+    if add_eos_token and eos is not None and input_ids[-1:] != [eos]:
+        input_ids = input_ids + [eos]
+    input_ids = input_ids[:cutoff_len]
+    return _example(input_ids, list(input_ids))
+
+
+def tokenize_dataset(tokenizer, records, chat_template: str | None, *, cutoff_len: int = 2048,
+                     train_on_prompt: bool = False, mask_history: bool = False,
+                     add_eos_token: bool = True, text_field: str = "text",
+                     source: str = "dataset"):
+    """Canonical records (iterable of dicts or a datasets.Dataset) -> datasets.Dataset with
+    input_ids, attention_mask, labels. Records with "messages" use chat_template; records with
+    text_field are plain text. Untrainable records are dropped with one warning counting them;
+    DataError (naming `source`) if none is left.
+    """
+    from datasets import Dataset
+
+    rows: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": []}
+    total = dropped = 0
+    for record in records:
+        total += 1
+        if record.get("messages"):
+            ex = encode_sft_record(tokenizer, record, chat_template, cutoff_len=cutoff_len,
+                                   train_on_prompt=train_on_prompt, mask_history=mask_history,
+                                   add_eos_token=add_eos_token)
+        else:
+            ex = encode_text_record(tokenizer, record.get(text_field) or "",
+                                    cutoff_len=cutoff_len, add_eos_token=add_eos_token)
+        if ex is None:
+            dropped += 1
+            continue
+        for key in rows:
+            rows[key].append(ex[key])
+    if dropped:
+        log.warning("%s: skipped %d of %d records with no trainable tokens (empty answer, "
+                    "or cutoff_len=%d too short)", source, dropped, total, cutoff_len)
+    if not rows["input_ids"]:
+        raise DataError(source, f"none of the {total} records has trainable tokens",
+                        fix="check that answers are not empty, or raise --block-size/cutoff_len")
+    return Dataset.from_dict(rows)
+
+
+def pack_dataset(dataset, *, cutoff_len: int):
+    """Seam for sequence packing: concatenate tokenized examples into cutoff_len blocks.
+
+    Not supported yet; callers should train unpacked.
+    """
+    raise NotImplementedError("sequence packing is not supported yet")

@@ -21,6 +21,7 @@ from core.config_io import atomic_write
 LOG_FILE = "trainer_log.jsonl"
 STATUS_FILE = "status.json"
 PLOT_FILE = "loss.png"
+PLOT_EVERY_S = 5.0
 STATES = ("pending", "running", "finished", "failed", "aborted")
 
 # Set by the signal handlers in core.run: the callback saves a checkpoint and stops training.
@@ -125,6 +126,7 @@ class RunLogCallback(TrainerCallback):
         self.last_tokens = 0
         self.last_step = 0
         self.records: list[dict] = []
+        self.last_plot = 0.0
 
     def on_train_begin(self, args, state, control, **kw):
         self.start = self.last_time = time.time()
@@ -170,7 +172,13 @@ class RunLogCallback(TrainerCallback):
         write_status(self.run_dir, step=state.global_step, total_steps=total,
                      **({"loss": record["loss"]} if record["loss"] is not None else {}),
                      **({"eval_loss": record["eval_loss"]} if record["eval_loss"] is not None else {}))
-        plot_loss(self.run_dir, self.records)
+        if now - self.last_plot > PLOT_EVERY_S:  # drawing costs ~0.1 s: not on every step
+            plot_loss(self.run_dir, self.records)
+            self.last_plot = time.time()
+
+    def on_train_end(self, args, state, control, **kw):
+        if state.is_world_process_zero:
+            plot_loss(self.run_dir, self.records)
 
     def on_step_end(self, args, state, control, **kw):
         if STOP.is_set():

@@ -23,20 +23,23 @@ from core.params import LLMTrainingParams
 log = logging.getLogger("aitraining")
 
 
-def _setup_logging(run_dir: Path) -> logging.Handler:
+def _setup_logging(run_dir: Path) -> list[tuple[logging.Logger, logging.Handler]]:
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
     handler = logging.FileHandler(run_dir / "running.log", encoding="utf-8")
     handler.setFormatter(fmt)
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    added = []
     for name in ("aitraining", "transformers", "peft", "trl", "datasets", "accelerate"):
         lg = logging.getLogger(name)
         lg.addHandler(handler)
+        added.append((lg, handler))
         if name == "aitraining":
             lg.addHandler(console)
+            added.append((lg, console))
             lg.setLevel(logging.INFO)
             lg.propagate = False
-    return handler
+    return added
 
 
 def _on_stop_signal(signum, frame):
@@ -55,7 +58,7 @@ def train(params: LLMTrainingParams, run_dir: str | os.PathLike) -> int:
     config_path = run_dir / "config.yaml"
     if not config_path.exists():
         config_io.save(params, config_path)
-    handler = _setup_logging(run_dir)
+    handlers = _setup_logging(run_dir)
     STOP.clear()
     previous = {s: signal.signal(s, _on_stop_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     write_status(run_dir, "running", started=time.time(), pid=os.getpid(), stage=params.stage, error=None)
@@ -78,9 +81,9 @@ def train(params: LLMTrainingParams, run_dir: str | os.PathLike) -> int:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-        for name in ("aitraining", "transformers", "peft", "trl", "datasets", "accelerate"):
-            logging.getLogger(name).removeHandler(handler)
-        handler.close()
+        for logger, h in handlers:
+            logger.removeHandler(h)
+            h.close()
     state = "aborted" if STOP.is_set() else "finished"
     clean = {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float, str))}
     write_status(run_dir, state, finished=time.time(), metrics=clean)

@@ -26,6 +26,8 @@ def build_tiny_model(out_dir: Path, hidden: int = 64, layers: int = 2, seed: int
         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=512, bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
+        # wider than the 0.02 default so logits can move far even when only adapters train
+        initializer_range=0.2,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)

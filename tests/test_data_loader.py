@@ -153,8 +153,11 @@ def test_placeholders_filled(tmp_path, empty_registry):
 def test_auto_convert_detects_formats(tmp_path, empty_registry):
     sg = write(tmp_path / "sg.jsonl", [{"conversations": [{"from": "human", "value": "q"},
                                                            {"from": "gpt", "value": "a"}]}])
-    with pytest.raises(DataError, match="auto-convert-dataset"):
-        load_data(sg, data_dir=empty_registry)
+    # no `text` column and no column flags: the shape is detected without the flag
+    assert load_data(sg, data_dir=empty_registry)[0] == load_data(sg, auto_convert=True, data_dir=empty_registry)[0]
+    # an explicit --text-column that is missing stays an error naming the column
+    with pytest.raises(DataError, match="column 'body' is missing"):
+        load_data(sg, text_column="body", data_dir=empty_registry)
     assert load_data(sg, auto_convert=True, data_dir=empty_registry)[0] == [
         {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "tools": None}]
     al = write(tmp_path / "al.csv", ROWS[:2])

@@ -230,7 +230,10 @@ def _file_spec(row, n, file, kind, flags, mapping, auto_convert) -> dict:
     text, prompt, rejected = (flags["text_column"], flags["prompt_text_column"],
                               flags["rejected_text_column"])
     explicit = text != "text" or prompt or rejected
-    if auto_convert and not explicit:
+    # Without column flags, a file whose rows lack the default `text` column is read by its
+    # recognisable shape (alpaca, sharegpt, messages, preference, kto) as --auto-convert-dataset
+    # would: a clear format should not need a flag. --auto-convert-dataset forces detection.
+    if not explicit and (auto_convert or (kind != "text" and text not in row)):
         return formats.spec_for_detected(formats.detect_format(row, file, n), row)
     extra = {k: k for k in ("system", "tools") if k in row}
     if kind == "text":

@@ -126,7 +126,7 @@ def training_args(params: LLMTrainingParams, run_dir: Path, *, n_train: int, has
         per_device_eval_batch_size=params.eval_batch_size,
         gradient_accumulation_steps=params.gradient_accumulation,
         learning_rate=params.lr,
-        warmup_ratio=params.warmup_ratio,
+        warmup_steps=params.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
         optim=params.optimizer,
         lr_scheduler_type=params.scheduler,
         weight_decay=params.weight_decay,
@@ -148,6 +148,7 @@ def training_args(params: LLMTrainingParams, run_dir: Path, *, n_train: int, has
         ddp_find_unused_parameters=False,
         remove_unused_columns=False,
         save_only_model=False,
+        dataloader_pin_memory=device_type() == "cuda",
     )
     kw.update(overrides)
     return cls(**kw)

@@ -26,6 +26,7 @@ def run(params: LLMTrainingParams, run_dir: Path) -> dict:
     path, tokenizer, template, config = common.load_tokenizer_and_template(params)
     train_records, eval_records = common.load_records(params, kind="sft")
     opts = dict(cutoff_len=common.cutoff_len(params, config), train_on_prompt=params.train_on_prompt,
+                source=params.data_path,
                 mask_history=params.mask_history, add_eos_token=params.add_eos_token)
     train_ds = tokenize_dataset(tokenizer, train_records, template, **opts)
     eval_ds = tokenize_dataset(tokenizer, eval_records, template, **opts) if eval_records else None

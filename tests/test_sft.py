@@ -1,0 +1,176 @@
+"""SFT end to end on a tiny random Llama: full, freeze and LoRA really train, the run directory
+is complete, outputs reload and generate, and a run resumes from its checkpoint."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from core import LLMTrainingParams, Project
+from core.events import read_log, read_status
+from core.stages import common
+
+QA = [("What is the capital of France?", "Paris."), ("What is two plus two?", "Four."),
+      ("Say hello in Portuguese.", "Olá!"), ("What colour is the sky?", "Blue."),
+      ("Name a fruit.", "Apple."), ("What is the opposite of hot?", "Cold.")]
+
+
+def write_alpaca(path: Path, n: int = 6) -> Path:
+    path.write_text("\n".join(json.dumps({"instruction": q, "input": "", "output": a}) for q, a in QA[:n]) + "\n",
+                    encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def spy_model(monkeypatch):
+    """Records the model the stage trains and a copy of its weights before training (a spy around
+    the real loader, which still does all the work)."""
+    seen = {}
+    real = common.load_trainable_model
+
+    def spy(*a, **kw):
+        model, dtype = real(*a, **kw)
+        seen["model"] = model
+        seen["before"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        return model, dtype
+
+    monkeypatch.setattr(common, "load_trainable_model", spy)
+    return seen
+
+
+def base_params(tiny_model_dir, data, out, **kw):
+    defaults = dict(model=str(tiny_model_dir), data_path=str(data), project_name=str(out), trainer="sft",
+                    chat_template="chatml", epochs=8, batch_size=2, gradient_accumulation=1, lr=5e-3,
+                    warmup_ratio=0.0, logging_steps=1, log="none", eval_strategy="no", save_strategy="no")
+    defaults.update(kw)
+    return LLMTrainingParams(**defaults)
+
+
+@pytest.mark.parametrize("method", ["full", "freeze", "lora"])
+def test_sft_method_trains_what_it_should(method, tiny_model_dir, tmp_path, spy_model):
+    data = write_alpaca(tmp_path / "train.jsonl")
+    out = tmp_path / f"run-{method}"
+    p = base_params(tiny_model_dir, data, out, finetuning_type=method, freeze_trainable_layers=1,
+                    epochs=20 if method == "freeze" else 8,
+                    lr={"full": 5e-3, "freeze": 3e-2, "lora": 2e-2}[method])
+    assert Project(p, process=False).create() == 0
+
+    model, before = spy_model["model"], spy_model["before"]
+    trainable = {n for n, q in model.named_parameters() if q.requires_grad}
+    assert trainable, "nothing was trainable"
+    for name, param in model.named_parameters():
+        changed = not torch.equal(param.detach(), before[name])
+        assert changed == (name in trainable), f"{name}: changed={changed}, trainable={name in trainable}"
+    if method == "freeze":  # last layer only
+        assert all(".layers.1." in n for n in trainable), sorted(trainable)
+    if method == "lora":
+        assert all("lora_" in n for n in trainable)
+
+    records, _ = read_log(out / "trainer_log.jsonl")
+    losses = [r["loss"] for r in records if r.get("loss") is not None]
+    assert len(losses) >= 8
+    # a small set, several epochs: the loss must fall (one frozen-head layer learns slowest)
+    assert losses[-1] < (0.85 if method == "freeze" else 0.5) * losses[0], losses
+
+    status = read_status(out)
+    assert status["state"] == "finished", status
+    for name in ("config.yaml", "trainer_log.jsonl", "running.log", "status.json", "loss.png", "README.md",
+                 "tokenizer_config.json"):
+        assert (out / name).is_file(), name
+    if method == "lora":
+        assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+        assert (out / "merged" / "config.json").is_file()
+    else:
+        assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    rec = records[-1]
+    for key in ("step", "total_steps", "epoch", "lr", "elapsed", "percentage"):
+        assert key in rec
+
+
+def test_lora_outputs_reload_and_generate(tiny_model_dir, tmp_path):
+    from core.model.loader import load_for_inference
+
+    data = write_alpaca(tmp_path / "train.jsonl")
+    out = tmp_path / "run"
+    p = base_params(tiny_model_dir, data, out, peft=True, lr=2e-2, epochs=3)
+    assert Project(p, process=False).create() == 0
+    tok_ids = None
+    logits = {}
+    for path in (out, out / "merged"):
+        model, tok = load_for_inference(str(path))
+        assert tok.chat_template and "<|im_start|>" in tok.chat_template  # trained template travels
+        ids = tok.apply_chat_template([{"role": "user", "content": "What is two plus two?"}],
+                                      add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        tok_ids = ids["input_ids"]
+        with torch.no_grad():
+            logits[path.name] = model(input_ids=tok_ids).logits
+            gen = model.generate(input_ids=tok_ids, max_new_tokens=5, do_sample=False)
+        assert gen.shape[1] > tok_ids.shape[1]
+    assert torch.allclose(logits["run"], logits["merged"], atol=1e-4)
+
+
+def test_resume_from_checkpoint_auto_continues_at_saved_step(tiny_model_dir, tmp_path):
+    data = write_alpaca(tmp_path / "train.jsonl")
+    out = tmp_path / "run"
+    p = base_params(tiny_model_dir, data, out, peft=True, max_steps=4, save_strategy="steps", save_steps=2,
+                    save_total_limit=2, epochs=100)
+    assert Project(p, process=False).create() == 0
+    assert (out / "checkpoint-4").is_dir()
+    first_len = (out / "trainer_log.jsonl").stat().st_size
+    p2 = p.model_copy(update={"max_steps": 6, "resume_from_checkpoint": "auto"})
+    assert Project(p2, process=False).create() == 0
+    new, _ = read_log(out / "trainer_log.jsonl", first_len)
+    steps = [r["step"] for r in new if r.get("loss") is not None]
+    assert steps and min(steps) == 5 and max(steps) == 6, steps
+    state = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["global_step"] == 6
+
+
+def test_cli_trains_end_to_end_in_a_subprocess(tiny_model_dir, tmp_path):
+    data = write_alpaca(tmp_path / "train.jsonl")
+    out = tmp_path / "cli-run"
+    cmd = [shutil.which("aitraining"), "llm", "--train", "--model", str(tiny_model_dir),
+           "--data-path", str(data), "--project-name", str(out), "--trainer", "sft", "--peft",
+           "--epochs", "1", "--max-samples", "4", "--log", "none", "--chat-template", "chatml"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_status(out)["state"] == "finished"
+    assert (out / "adapter_model.safetensors").is_file()
+    # the run file in the directory replays the run: same bytes after a parse/dump cycle
+    from core import config_io
+
+    text = (out / "config.yaml").read_text()
+    assert config_io.dumps(config_io.loads(text)) == text
+    assert config_io.loads(text).max_samples == 4
+
+
+def test_cli_bad_record_exits_2_without_traceback(tiny_model_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "hi", "output": "yo"}\n{"instruction": "x", "output": \n', encoding="utf-8")
+    cmd = [sys.executable, "-m", "core.cli", "llm", "--train", "--model", str(tiny_model_dir),
+           "--data-path", str(bad), "--project-name", str(tmp_path / "o"), "--log", "none"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "bad.jsonl" in proc.stderr and "record 2" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "o" / "status.json").exists()  # refused before a run started
+
+
+def test_cli_stage_not_built_yet_is_refused_clearly(tmp_path):
+    cmd = [sys.executable, "-m", "core.cli", "llm", "--train", "--trainer", "ppo", "--rl-reward-model-path",
+           "./rm", "--project-name", str(tmp_path / "p")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "not implemented yet" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_help_per_trainer():
+    out = subprocess.run([sys.executable, "-m", "core.cli", "llm", "--trainer", "dpo", "--help"],
+                         capture_output=True, text=True, timeout=60).stdout
+    assert "--dpo-beta" in out and "--rejected-text-column" in out and "--rl-gamma" not in out
+    out = subprocess.run([sys.executable, "-m", "core.cli", "llm", "--trainer", "ppo", "--help"],
+                         capture_output=True, text=True, timeout=60).stdout
+    assert "--rl-reward-model-path" in out and "--dpo-beta" not in out

@@ -113,6 +113,9 @@ class LLMTrainingParams(BaseModel):
     use_flash_attention_2: bool = P(False, "Use Flash Attention 2 for faster training", "performance")
     attn_implementation: Optional[Literal["eager", "sdpa", "flash_attention_2"]] = P(
         None, "Attention implementation (eager, sdpa, flash_attention_2)", "performance")
+    rope_scaling: Optional[Literal["linear", "dynamic", "yarn", "llama3"]] = P(
+        None, "RoPE scaling to stretch the context beyond the model's (factor from --block-size)",
+        "performance")
     trust_remote_code: bool = P(False, "Allow the model repository's own Python code to run "
                                 "(only for models you trust)", "performance")
 
@@ -132,6 +135,8 @@ class LLMTrainingParams(BaseModel):
                             "(q_proj,v_proj,...)", "peft")
     quantization: Optional[Literal["int4", "int8"]] = P(None, "int4/int8 quantization (QLoRA)", "peft")
     merge_adapter: bool = P(True, "Also save the LoRA adapter merged into the base model", "peft")
+    adapter_path: Optional[str] = P(None, "Continue training an existing LoRA adapter (a run directory or "
+                                    "adapter folder) instead of starting a new one", "peft")
 
     # --- freeze ------------------------------------------------------------------------------
     freeze_trainable_layers: int = P(2, "Trainable layers: N > 0 trains the last N, N < 0 the first -N",
@@ -243,10 +248,11 @@ class LLMTrainingParams(BaseModel):
                 raise ValueError("cutoff_len and block_size are the same setting; give only one")
             data["block_size"] = data.pop("cutoff_len")
         for key in ("mixed_precision", "attn_implementation", "distributed_backend", "quantization",
-                    "chat_template"):
+                    "chat_template", "rope_scaling", "adapter_path"):
             if isinstance(data.get(key), str) and data[key].strip().lower() in ("", "null"):
                 data[key] = None
-        for key in ("mixed_precision", "attn_implementation", "distributed_backend", "quantization"):
+        for key in ("mixed_precision", "attn_implementation", "distributed_backend", "quantization",
+                    "rope_scaling"):
             if isinstance(data.get(key), str) and data[key].lower() in ("none", "no", "fp32"):
                 data[key] = None
         if isinstance(data.get("column_mapping"), str):
@@ -299,6 +305,8 @@ class LLMTrainingParams(BaseModel):
                              "drop --unsloth")
         if self.quantization and self.finetuning_type != "lora":
             raise ValueError("--quantization trains a LoRA adapter on a quantized model (QLoRA): add --peft")
+        if self.adapter_path and self.finetuning_type != "lora":
+            raise ValueError("--adapter-path continues a LoRA adapter: add --peft")
         if self.packing and self.block_size <= 0:
             raise ValueError("--packing needs a block size: pass --block-size N (e.g. 1024)")
         if self.valid_split and self.val_size:

@@ -174,3 +174,32 @@ def test_cli_help_per_trainer():
     out = subprocess.run([sys.executable, "-m", "core.cli", "llm", "--trainer", "ppo", "--help"],
                          capture_output=True, text=True, timeout=60).stdout
     assert "--rl-reward-model-path" in out and "--dpo-beta" not in out
+
+
+def test_adapter_path_continues_an_existing_adapter(tiny_model_dir, tmp_path, spy_model):
+    from safetensors.torch import load_file
+
+    data = write_alpaca(tmp_path / "train.jsonl")
+    first = tmp_path / "first"
+    assert Project(base_params(tiny_model_dir, data, first, peft=True, lr=2e-2, epochs=2), process=False).create() == 0
+    saved = load_file(str(first / "adapter_model.safetensors"))
+    second = tmp_path / "second"
+    p = base_params(tiny_model_dir, data, second, peft=True, lr=2e-2, epochs=2, adapter_path=str(first))
+    assert Project(p, process=False).create() == 0
+    before = {n: t for n, t in spy_model["before"].items() if "lora_" in n}
+    assert len(before) == len(saved)
+    for name, tensor in before.items():  # training started from the first run's adapter...
+        key = next(k for k in saved if k.split("base_model.model.")[-1].replace(".weight", "")
+                   in name.replace(".default", ""))
+        assert torch.equal(tensor, saved[key]), name
+    after = load_file(str(second / "adapter_model.safetensors"))
+    assert any(not torch.equal(after[k], saved[k]) for k in saved)  # ...and kept training it
+
+
+def test_rope_scaling_stretches_the_context(tiny_model_dir, tmp_path, spy_model):
+    data = write_alpaca(tmp_path / "train.jsonl")
+    p = base_params(tiny_model_dir, data, tmp_path / "rope", peft=True, epochs=1, rope_scaling="linear",
+                    block_size=1024)  # the tiny model's native context is 512
+    assert Project(p, process=False).create() == 0
+    rope = spy_model["model"].config.rope_parameters
+    assert rope["rope_type"] == "linear" and rope["factor"] == 2.0

@@ -30,8 +30,9 @@ def trainable_summary(model) -> tuple[int, int]:
 def apply_finetuning(model, *, finetuning_type: str, lora_r: int = 16, lora_alpha: int = 32,
                      lora_dropout: float = 0.05, target_modules="all-linear",
                      freeze_trainable_layers: int = 2, freeze_trainable_modules="all",
-                     freeze_extra_modules=None):
-    """Set requires_grad for the chosen method; for lora return the PeftModel wrapping model."""
+                     freeze_extra_modules=None, adapter_path=None):
+    """Set requires_grad for the chosen method; for lora return the PeftModel wrapping model
+    (a new adapter, or the one at adapter_path made trainable again)."""
     kind = (finetuning_type or "").strip().lower()
     if kind not in FINETUNING_TYPES:
         raise ConfigError(f"finetuning_type '{finetuning_type}' is not one of {', '.join(FINETUNING_TYPES)}. "
@@ -45,6 +46,15 @@ def apply_finetuning(model, *, finetuning_type: str, lora_r: int = 16, lora_alph
             p.requires_grad_(p.is_floating_point())
     elif kind == "freeze":
         _apply_freeze(model, freeze_trainable_layers, freeze_trainable_modules, freeze_extra_modules)
+    elif adapter_path:
+        from peft import PeftModel
+
+        from core.model.loader import is_adapter_dir
+
+        if not is_adapter_dir(adapter_path):
+            raise ConfigError(f"--adapter-path {adapter_path}: no adapter_config.json there. Fix: point it at "
+                              "a LoRA run directory (the one holding adapter_model.safetensors)")
+        model = PeftModel.from_pretrained(model, str(adapter_path), is_trainable=True)
     else:
         model = _apply_lora(model, lora_r, lora_alpha, lora_dropout, target_modules, quantized)
     trainable, total = trainable_summary(model)

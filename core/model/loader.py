@@ -32,7 +32,7 @@ def warn_once(message: str) -> None:
 # ---------------------------------------------------------------------------- resolve
 
 def is_adapter_dir(path) -> bool:
-    return isinstance(path, Path) and (path / ADAPTER_CONFIG).is_file()
+    return path is not None and (Path(path) / ADAPTER_CONFIG).is_file()
 
 
 def adapter_base(path) -> str:

@@ -66,10 +66,11 @@ def load_trainable_model(params: LLMTrainingParams, path, model_class=None):
     checkpointing = not params.disable_gradient_checkpointing and device_type() == "cuda"
     if not checkpointing and not params.disable_gradient_checkpointing:
         log.info("gradient checkpointing off on CPU (it would recompute activations for no memory need)")
+    extra = {"config": rope_scaled_config(params, path)} if params.rope_scaling else {}
     model = load_model(path, dtype=dtype,
                        attn_implementation=pick_attention(params.attn_implementation, params.use_flash_attention_2),
                        trust_remote_code=params.trust_remote_code, gradient_checkpointing=checkpointing,
-                       model_class=model_class)
+                       model_class=model_class, **extra)
     if params.quantization:
         raise ConfigError("--quantization (QLoRA) is not available in this version yet; drop it")
     model = apply_finetuning(
@@ -77,11 +78,34 @@ def load_trainable_model(params: LLMTrainingParams, path, model_class=None):
         lora_dropout=params.lora_dropout, target_modules=params.target_modules,
         freeze_trainable_layers=params.freeze_trainable_layers,
         freeze_trainable_modules=params.freeze_trainable_modules,
-        freeze_extra_modules=params.freeze_extra_modules)
+        freeze_extra_modules=params.freeze_extra_modules, adapter_path=params.adapter_path)
     trainable, total = trainable_summary(model)
     log.info("method %s: %s of %s parameters trainable (%.2f%%)", params.finetuning_type,
              f"{trainable:,}", f"{total:,}", 100.0 * trainable / max(total, 1))
     return model, dtype
+
+
+def rope_scaled_config(params: LLMTrainingParams, path):
+    """The model config with --rope-scaling applied: factor = wanted length / native length."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=params.trust_remote_code)
+    native = getattr(config, "max_position_embeddings", None) or params.model_max_length
+    wanted = params.block_size if params.block_size > 0 else params.model_max_length
+    factor = max(1.0, float(math.ceil(wanted / native)))
+    if factor == 1.0:
+        log.warning("--rope-scaling %s: %d tokens fit the model's %d already; scaling factor 1",
+                    params.rope_scaling, wanted, native)
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    layers = [v for v in rope.values() if isinstance(v, dict)]  # per-attention-type parameters (Gemma 3)
+    for target in layers or [rope]:
+        target.update(rope_type=params.rope_scaling, factor=factor)
+        if params.rope_scaling in ("yarn", "llama3"):
+            target.setdefault("original_max_position_embeddings", native)
+    config.rope_parameters = rope
+    log.info("RoPE scaling %s with factor %.1f (context %d -> %d)", params.rope_scaling, factor, native,
+             int(native * factor))
+    return config
 
 
 def logging_steps(params: LLMTrainingParams, n_train: int) -> int:

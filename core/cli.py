@@ -105,6 +105,38 @@ def parse_llm(argv: Sequence[str]) -> tuple[argparse.Namespace, dict[str, Any]]:
     return ns, given
 
 
+def to_cli_args(params: LLMTrainingParams) -> list[str]:
+    """The `aitraining llm --train ...` arguments that rebuild these parameters (non-defaults only).
+    Secrets are shown as *** so the line can be displayed and logged."""
+    args = ["--train"]
+    for name, field in LLMTrainingParams.model_fields.items():
+        value = getattr(params, name)
+        if value == field.default or (name == "peft" and params.finetuning_type == "lora"):
+            continue
+        if name == "finetuning_type" and value == "lora":
+            args.append("--peft")
+            continue
+        flag = _flag(name)
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + flag[2:])
+        elif value is None:
+            args += [flag, "none"]
+        elif field_meta(name).get("secret"):
+            args += [flag, "***"]
+        elif isinstance(value, dict):
+            args += [flag, json.dumps(value, ensure_ascii=False)]
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+def command_line(params: LLMTrainingParams) -> str:
+    """A copy-pasteable shell line for these parameters."""
+    import shlex
+
+    return "aitraining llm " + " ".join(shlex.quote(a) for a in to_cli_args(params))
+
+
 def make_params(config: Optional[str], given: dict[str, Any]) -> LLMTrainingParams:
     from core import config_io
 

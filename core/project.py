@@ -36,6 +36,9 @@ class Project:
 
         if self.params.stage not in STAGES:
             raise ConfigError(not_implemented_message(self.params))
+        if self.params.quantization:
+            raise ConfigError("--quantization (QLoRA) is not available in this version yet; drop it to "
+                              "train a plain LoRA adapter")
         # Read and validate the data now: a malformed record is reported in seconds, with its
         # file and record number, instead of after the model has loaded in the child process.
         from core.stages.common import load_records

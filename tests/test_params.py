@@ -199,3 +199,20 @@ def test_use_distillation_selects_the_stage():
 def test_bad_yaml_syntax():
     with pytest.raises(ConfigError, match="not valid YAML"):
         config_io.loads("params: [unclosed", "x.yaml")
+
+
+@pytest.mark.parametrize("kw", [
+    {}, {"peft": True, "lora_r": 8, "token": "hf_x"}, {"finetuning_type": "freeze", "freeze_trainable_layers": -1},
+    {"column_mapping": {"prompt": "q"}, "mixed_precision": "bf16", "merge_adapter": False, "block_size": 64},
+    {"trainer": "dpo", "prompt_text_column": "p", "rejected_text_column": "r", "dpo_beta": 0.3},
+])
+def test_command_line_rebuilds_the_params(kw):
+    from core.cli import to_cli_args
+
+    p = LLMTrainingParams(**kw)
+    args = to_cli_args(p)
+    if "token" in kw:
+        assert "hf_x" not in args and "***" in args
+        args[args.index("***")] = "hf_x"
+    _, given = parse_llm(args)
+    assert make_params(None, given) == p

@@ -71,8 +71,6 @@ def load_trainable_model(params: LLMTrainingParams, path, model_class=None):
                        attn_implementation=pick_attention(params.attn_implementation, params.use_flash_attention_2),
                        trust_remote_code=params.trust_remote_code, gradient_checkpointing=checkpointing,
                        model_class=model_class, **extra)
-    if params.quantization:
-        raise ConfigError("--quantization (QLoRA) is not available in this version yet; drop it")
     model = apply_finetuning(
         model, finetuning_type=params.finetuning_type, lora_r=params.lora_r, lora_alpha=params.lora_alpha,
         lora_dropout=params.lora_dropout, target_modules=params.target_modules,

@@ -1,0 +1,326 @@
+"""Train tab: stage, data, hyper-parameters, the run buttons and the live monitor."""
+from __future__ import annotations
+
+import html
+import time
+from pathlib import Path
+from typing import Optional
+
+import gradio as gr
+import pandas as pd
+
+from core import DATA_DIR, config_io
+from core.cli import command_line
+from core.errors import UserError
+from core.events import smooth
+from core.params import GROUPS, TRAINER_STAGE, LLMTrainingParams
+from core.stages import PLANNED, STAGES
+from webui import form
+from webui.i18n import group_title, t
+from webui.runner import Monitor, describe, last_checkpoint, tail
+
+SKIP_METRICS = {"step", "total_steps", "epoch", "elapsed", "remaining", "percentage", "tokens_per_second"}
+
+
+def stage_choices(lang: str) -> list[tuple[str, str]]:
+    out = []
+    for trainer, stage in TRAINER_STAGE.items():
+        label = trainer if stage in STAGES else f"{trainer} — {t('stage_not_ready', lang, stage=PLANNED[stage])}"
+        out.append((label, trainer))
+    return out
+
+
+def dataset_choices(data_dir: str, trainer: str) -> tuple[list[str], str]:
+    """Registered datasets fitting the trainer's data kind, and an error message ('' if none)."""
+    from core.data.registry import dataset_kind, load_dataset_info
+
+    stage = TRAINER_STAGE.get(trainer, "sft")
+    want = STAGES[stage].data_kind if stage in STAGES else {"pt": "text", "kto": "kto"}.get(
+        stage, "preference" if stage in ("reward", "dpo", "orpo", "simpo") else "sft")
+    try:
+        entries = load_dataset_info(Path(data_dir or DATA_DIR), check_files=False)
+    except UserError as e:
+        return [], str(e)
+    ok = {want} | ({"text"} if want == "sft" else set())
+    return [n for n, e in entries.items() if dataset_kind(e) in ok], ""
+
+
+def error_html(message: str) -> str:
+    return f"<div class='error-box'>{html.escape(message)}</div>" if message else ""
+
+
+def fmt_seconds(s) -> str:
+    if s is None:
+        return "–"
+    s = int(s)
+    return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def progress_html(info: dict, last: Optional[dict], lang: str) -> str:
+    if not info:
+        return f"<div id='run-progress'>{t('status_idle', lang)}</div>"
+    state = info.get("state", "")
+    step, total = (last or {}).get("step", info.get("step") or 0), (last or {}).get("total_steps") or info.get("total") or 0
+    pct = 100.0 * step / total if total else 0.0
+    key = {"running": "status_running", "pending": "status_running", "finished": "status_finished",
+           "aborted": "status_aborted"}.get(state, "status_failed")
+    state_text = t(key, lang, error=info.get("error") or "")
+    parts = [t("step", lang, step=step, total=total or "?"),
+             t("elapsed", lang, elapsed=fmt_seconds((last or {}).get("elapsed"))),
+             t("remaining", lang, remaining=fmt_seconds((last or {}).get("remaining")))]
+    if last and last.get("tokens_per_second"):
+        parts.append(t("tokens_per_s", lang, tps=f"{last['tokens_per_second']:.0f}"))
+    css = "error-box" if key == "status_failed" else ""
+    return (f"<div id='run-progress' data-state='{html.escape(state)}' data-step='{step}' data-total='{total}'>"
+            f"<div class='{css}'><b id='run-state'>{html.escape(state_text)}</b> · {html.escape(info.get('run', ''))}</div>"
+            f"<div class='progress-outer'><div class='progress-inner' style='width:{pct:.1f}%'></div></div>"
+            f"<div>{' · '.join(html.escape(p) for p in parts)}</div></div>")
+
+
+def plot_frame(records: list[dict], metric: str) -> pd.DataFrame:
+    rows = []
+    if metric == "loss":
+        train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+        if train:
+            steps, losses = zip(*train)
+            rows += [{"step": s, "value": v, "series": "loss"} for s, v in train]
+            rows += [{"step": s, "value": v, "series": "smoothed"} for s, v in zip(steps, smooth(list(losses)))]
+        rows += [{"step": r["step"], "value": r["eval_loss"], "series": "eval_loss"}
+                 for r in records if r.get("eval_loss") is not None]
+    else:
+        rows = [{"step": r["step"], "value": r[metric], "series": metric}
+                for r in records if isinstance(r.get(metric), (int, float))]
+    return pd.DataFrame(rows, columns=["step", "value", "series"])
+
+
+def metrics_of(records: list[dict]) -> list[str]:
+    keys = {k for r in records for k, v in r.items() if isinstance(v, (int, float)) and k not in SKIP_METRICS}
+    return ["loss"] + sorted(keys - {"loss", "eval_loss"})
+
+
+def build(ui) -> None:
+    lang = ui.lang
+    with gr.Row():
+        trainer = ui.widget("trainer", choices=stage_choices(lang))
+        data_dir = ui.widget("dataset_dir", value=str(DATA_DIR))
+        names, err = dataset_choices(str(DATA_DIR), "default")
+        data_path = ui.widget("data_path", choices=names, multiselect=True, allow_custom_value=True,
+                              value=["identity"], scale=2)
+    registry_error = gr.HTML(error_html(err), elem_id="registry-error")
+    with ui.text(gr.Accordion("Preview dataset", open=False, elem_id="preview-acc"), "preview"):
+        with gr.Row():
+            preview_btn = ui.text(gr.Button("Preview dataset", elem_id="btn-preview", size="sm"), "preview", "value")
+            page = ui.text(gr.Number(value=0, precision=0, minimum=0, elem_id="preview-page"), "preview_page")
+        preview_html = gr.HTML(elem_id="preview-html")
+    with gr.Row():
+        for name in ("lr", "epochs", "max_grad_norm", "max_samples", "mixed_precision"):
+            ui.widget(name)
+    with gr.Row():
+        for name in ("block_size", "batch_size", "gradient_accumulation", "val_size", "scheduler"):
+            ui.widget(name)
+    for group in GROUPS:
+        names_in = form.accordion_fields(group)
+        if not names_in:
+            continue
+        acc = gr.Accordion(group_title(group, lang), open=False, elem_id=f"acc-{group}")
+        ui.translations.append((acc, lambda lg, g=group: gr.update(label=group_title(g, lg))))
+        with acc:
+            for i in range(0, len(names_in), 4):
+                with gr.Row():
+                    for name in names_in[i:i + 4]:
+                        ui.widget(name)
+    with gr.Row():
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        out_dir = ui.widget("project_name", value=str(ui.runs_root / f"run-{stamp}"), scale=3)
+        import torch
+
+        devices = torch.cuda.device_count()
+        ui.text(gr.Textbox(value=f"{devices} GPU" if devices else "CPU", interactive=False, elem_id="device-count"),
+                "device_count")
+        ui.widget("distributed_backend")
+    resume_md = gr.Markdown(elem_id="resume-info")
+    with gr.Row():
+        b_cmd = ui.text(gr.Button("Preview command", elem_id="btn-preview-cmd"), "btn_preview_cmd", "value")
+        b_save = ui.text(gr.Button("Save arguments", elem_id="btn-save"), "btn_save", "value")
+        saved = gr.Dropdown(choices=saved_args(ui.runs_root), elem_id="saved-args", allow_custom_value=True)
+        ui.text(saved, "btn_load")
+        b_load = ui.text(gr.Button("Load arguments", elem_id="btn-load"), "btn_load", "value")
+        b_export = ui.text(gr.DownloadButton("Export YAML", elem_id="btn-export-yaml"), "btn_export_yaml", "value")
+        b_import = ui.text(gr.UploadButton("Import YAML", file_types=[".yaml", ".yml"], elem_id="btn-import-yaml"),
+                           "btn_import_yaml", "label")
+    with gr.Row():
+        b_start = ui.text(gr.Button("Start", variant="primary", elem_id="btn-start"), "btn_start", "value")
+        b_resume = gr.Button("Resume", elem_id="btn-resume", visible=False)
+        b_abort = ui.text(gr.Button("Abort", variant="stop", elem_id="btn-abort"), "btn_abort", "value")
+    message = gr.HTML(elem_id="train-message")
+    with gr.Row():
+        command = ui.text(gr.Code(language="shell", elem_id="command", interactive=False), "command")
+        run_yaml = ui.text(gr.Code(language="yaml", elem_id="run-yaml", interactive=False), "yaml")
+    progress = gr.HTML(progress_html({}, None, lang), elem_id="progress")
+    with gr.Row():
+        log_box = ui.text(gr.Textbox(lines=16, max_lines=16, autoscroll=True, interactive=False,
+                                     elem_id="log-tail"), "log")
+        with gr.Column():
+            metric = ui.text(gr.Dropdown(choices=["loss"], value="loss", elem_id="metric"), "metric")
+            plot = ui.text(gr.LinePlot(x="step", y="value", color="series", elem_id="loss-plot", height=320),
+                           "loss_plot")
+    monitor = gr.State(Monitor())
+    followed = gr.State(None)  # a past run opened from the Runs tab (str), else the active one
+    timer = gr.Timer(1.0)
+    ui.extra.update(followed=followed, monitor=monitor, train_message=message)
+
+    inputs = ui.field_inputs()
+
+    def params_from(args) -> LLMTrainingParams:
+        return form.values_to_params(ui.values(args))
+
+    # -- data ---------------------------------------------------------------------------------
+    def refresh_datasets(ddir, trainer_value, current):
+        names, err = dataset_choices(ddir, trainer_value)
+        keep = [c for c in (current or []) if c in names or "/" in c or "." in c]
+        return gr.update(choices=names, value=keep), error_html(err)
+
+    trainer.change(refresh_datasets, [data_dir, trainer, data_path], [data_path, registry_error])
+    data_dir.change(refresh_datasets, [data_dir, trainer, data_path], [data_path, registry_error])
+
+    def do_preview(page_no, *args):
+        from core.data.inspect import preview
+        from core.stages.common import load_tokenizer_and_template
+
+        try:
+            p = params_from(args)
+            _, tok, template, _ = load_tokenizer_and_template(p)
+            kind = STAGES[p.stage].data_kind if p.stage in STAGES else "sft"
+            res = preview(p.data_path, data_dir=Path(p.dataset_dir or DATA_DIR), kind=kind, page=int(page_no or 0),
+                          page_size=3, tokenizer=tok, chat_template=template, cutoff_len=p.block_size if
+                          p.block_size > 0 else p.model_max_length, train_on_prompt=p.train_on_prompt,
+                          mask_history=p.mask_history,
+                          placeholders={"name": p.identity_name, "author": p.identity_author})
+        except UserError as e:
+            return error_html(str(e))
+        blocks = [f"<p>{res['total']} records · {t('preview_page', ui.lang)} {res['page'] + 1}/{res['pages']}</p>"]
+        for item in res["records"]:
+            if item.get("error"):
+                blocks.append(error_html(item["error"]["message"]))
+                continue
+            counts = f"{item.get('num_tokens', 0)} {t('tokens', ui.lang)}, {item.get('num_trained', 0)} " \
+                     f"{t('trained_tokens', ui.lang)}"
+            blocks.append(f"<div class='preview-record'><small>#{item['index'] + 1} · {counts}</small>"
+                          f"<pre style='white-space:pre-wrap'>{item.get('html', '')}</pre></div>")
+        return "\n".join(blocks)
+
+    preview_btn.click(do_preview, [page, *inputs], preview_html)
+    page.change(do_preview, [page, *inputs], preview_html)
+
+    # -- arguments ----------------------------------------------------------------------------
+    def preview_command(*args):
+        try:
+            p = params_from(args)
+        except UserError as e:
+            return gr.skip(), gr.skip(), error_html(str(e))
+        return command_line(p), config_io.dumps(p), ""
+
+    b_cmd.click(preview_command, inputs, [command, run_yaml, message])
+
+    def save_args(*args):
+        try:
+            p = params_from(args)
+        except UserError as e:
+            return gr.skip(), error_html(str(e))
+        path = args_dir(ui.runs_root) / f"{Path(p.project_name).name}.yaml"
+        config_io.save(p, path)
+        return gr.update(choices=saved_args(ui.runs_root), value=str(path)), t("msg_saved", ui.lang, path=path)
+
+    b_save.click(save_args, inputs, [saved, message])
+
+    def load_args(path):
+        try:
+            p = config_io.load(path)
+        except UserError as e:
+            return [gr.skip()] * len(inputs) + [error_html(str(e))]
+        values = form.params_to_values(p)
+        return [values[n] for n in form.form_fields()] + [""]
+
+    b_load.click(load_args, saved, [*inputs, message])
+
+    def export_yaml(*args):
+        try:
+            p = params_from(args)
+        except UserError as e:
+            raise gr.Error(str(e))
+        path = args_dir(ui.runs_root) / f"{Path(p.project_name).name}.yaml"
+        config_io.save(p, path)
+        return str(path)
+
+    b_export.click(export_yaml, inputs, b_export)
+
+    def import_yaml(file):
+        return load_args(file if isinstance(file, str) else file.name)
+
+    b_import.upload(import_yaml, b_import, [*inputs, message])
+
+    # -- resume offer -------------------------------------------------------------------------
+    def resume_offer(out):
+        ckpt = last_checkpoint(Path(out)) if out else None
+        if ckpt is None:
+            return "", gr.update(visible=False)
+        return (t("resume_info", ui.lang, checkpoint=ckpt),
+                gr.update(visible=True, value=t("btn_resume", ui.lang, checkpoint=ckpt.name)))
+
+    out_dir.change(resume_offer, out_dir, [resume_md, b_resume])
+
+    # -- start / abort ------------------------------------------------------------------------
+    def start(resume, *args):
+        try:
+            p = params_from(args)
+            if resume:
+                p = p.model_copy(update={"resume_from_checkpoint": "auto"})
+            run_dir = ui.runner.start(p)
+        except UserError as e:
+            return error_html(str(e)), None
+        return f"<div class='ok-box' id='started'>{html.escape(t('msg_started', ui.lang, run=run_dir))}</div>", None
+
+    b_start.click(lambda *a: start(False, *a), inputs, [message, followed])
+    b_resume.click(lambda *a: start(True, *a), inputs, [message, followed])
+
+    def abort():
+        run = ui.runner.abort()
+        return t("msg_aborting", ui.lang) if run else t("status_idle", ui.lang)
+
+    b_abort.click(abort, None, message)
+
+    # -- monitor ------------------------------------------------------------------------------
+    def tick(mon: Monitor, follow, metric_name, lang_value):
+        target = ui.runner.active() or (Path(follow) if follow else None) or ui.runner.last()
+        mon.follow(target)
+        new = mon.poll()
+        info = describe(target)
+        last = mon.records[-1] if mon.records else None
+        log_text = tail(target / "running.log") if target else ""
+        plot_update = plot_frame(mon.records, metric_name) if new or not mon.records else gr.skip()
+        metric_update = gr.update(choices=metrics_of(mon.records)) if new else gr.skip()
+        return mon, progress_html(info, last, lang_value or ui.lang), log_text, plot_update, metric_update
+
+    timer.tick(tick, [monitor, followed, metric, ui.extra["lang"]], [monitor, progress, log_box, plot, metric],
+               show_progress="hidden")
+    metric.change(lambda mon, m: plot_frame(mon.records, m), [monitor, metric], plot)
+
+    def on_load(*args):
+        """A reopened page re-attaches: show the active run's settings in the form."""
+        active = ui.runner.active()
+        if active is None or not (active / "config.yaml").is_file():
+            return [gr.skip()] * len(inputs)
+        values = form.params_to_values(config_io.load(active / "config.yaml"))
+        return [values[n] for n in form.form_fields()]
+
+    ui.extra["on_load"] = (on_load, inputs)
+
+
+def args_dir(runs_root: Path) -> Path:
+    d = runs_root / ".saved_args"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def saved_args(runs_root: Path) -> list[str]:
+    return sorted(str(p) for p in args_dir(runs_root).glob("*.yaml"))

@@ -45,6 +45,7 @@ class UI:
 
     runner: Runner
     runs_root: Path
+    data_dir: Path
     lang: str = "en"
     fields: dict[str, gr.Component] = field(default_factory=dict)
     extra: dict[str, gr.Component] = field(default_factory=dict)
@@ -58,7 +59,8 @@ class UI:
         return w
 
     def text(self, component: gr.Component, key: str, attr: str = "label") -> gr.Component:
-        """Register a component whose `attr` shows the UI string `key`."""
+        """Register a component whose `attr` shows the UI string `key` (set now, and on language change)."""
+        setattr(component, attr, t(key, self.lang))
         self.translations.append((component, lambda lang: gr.update(**{attr: t(key, lang)})))
         return component
 
@@ -97,7 +99,7 @@ def build_app(runs_root: str | os.PathLike = "runs", lang: str = "en",
 
     runs_root = Path(runs_root).resolve()
     runs_root.mkdir(parents=True, exist_ok=True)
-    ui = UI(runner=Runner(runs_root), runs_root=runs_root, lang=lang)
+    ui = UI(runner=Runner(runs_root), runs_root=runs_root, data_dir=Path(data_dir), lang=lang)
     with gr.Blocks(title="aitraining") as demo:
         with gr.Row():
             lang_box = gr.Dropdown(choices=[(v, k) for k, v in LANGS.items()], value=lang, elem_id="lang", scale=1)
@@ -117,7 +119,7 @@ def build_app(runs_root: str | os.PathLike = "runs", lang: str = "en",
             with ui.text(gr.Tab("Train", id="train", elem_id="tab-train"), "tab_train"):
                 train.build(ui)
             with ui.text(gr.Tab("Datasets", id="datasets", elem_id="tab-datasets"), "tab_datasets"):
-                datasets.build(ui, Path(data_dir))
+                datasets.build(ui, ui.data_dir)
             with ui.text(gr.Tab("Chat", id="chat", elem_id="tab-chat"), "tab_chat"):
                 chat.build(ui)
             with ui.text(gr.Tab("Export", id="export", elem_id="tab-export"), "tab_export"):
@@ -154,6 +156,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--auth", help="user:password required to open the UI")
     p.add_argument("--runs-dir", default=os.environ.get("AITRAINING_RUNS", "runs"),
                    help="where runs are written and listed (default ./runs)")
+    p.add_argument("--data-dir", default=os.environ.get("AITRAINING_DATA", str(DATA_DIR)),
+                   help="directory holding dataset_info.json (default: the built-in data/)")
     p.add_argument("--lang", choices=list(LANGS), default="en")
     return p.parse_args(argv)
 
@@ -170,7 +174,7 @@ def main(argv=None) -> int:
         print(f"WARNING: the UI is reachable from other machines ({'share link' if args.share else args.host}) "
               "without a password; anyone who can reach it can train and read your files. "
               "Add --auth user:password.", file=sys.stderr)
-    demo = build_app(args.runs_dir, args.lang)
+    demo = build_app(args.runs_dir, args.lang, args.data_dir)
     demo.queue(default_concurrency_limit=8).launch(
         server_name=args.host, server_port=args.port, share=args.share, auth=auth, css=CSS,
         max_file_size="50mb", footer_links=[], show_error=True)

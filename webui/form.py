@@ -68,8 +68,10 @@ def make_widget(name: str, lang: str = "en", **kw) -> gr.Component:
     if typing.get_origin(ann) is typing.Literal or choices is not None:
         choices = choices or list(typing.get_args(ann)) + ([NONE] if optional else [])
         return gr.Dropdown(choices=choices, **common)
-    if ann in (int, float):
+    if ann in (int, float) and not optional:
         return gr.Number(precision=0 if ann is int else None, **common)
+    if ann in (int, float):  # a number box cannot be empty, and empty means "not set" here
+        return gr.Textbox(placeholder=NONE, **common)
     if field_meta(name).get("secret"):
         return gr.Textbox(type="password", **common)
     return gr.Textbox(**common)
@@ -90,7 +92,10 @@ def params_to_values(p: LLMTrainingParams) -> dict[str, Any]:
         elif field_meta(name).get("secret"):
             value = value.get_secret_value() if value is not None else ""
         elif value is None:
-            value = NONE if typing.get_origin(ann) is typing.Literal else ("" if ann not in (int, float) else None)
+            # a checkbox has no "unset": unticked is None (values_to_params maps False back)
+            value = NONE if typing.get_origin(ann) is typing.Literal else (False if ann is bool else "")
+        elif optional and ann in (int, float):
+            value = str(value)
         elif typing.get_origin(ann) is dict:
             import json
 
@@ -115,8 +120,13 @@ def values_to_params(values: dict[str, Any], source: str = "web form") -> LLMTra
             value = "lora"
             kw.setdefault("quantization", values.get("quantization") if values.get("quantization") not in
                           (None, NONE) else "int4")
-        if isinstance(value, str) and optional and value.strip() in ("", NONE):
+        # "none" means unset except in free text, where the schema decides what it means
+        # (chat_template "none" is plain text, not the model's own template).
+        unset = ("",) if ann is str else ("", NONE)
+        if isinstance(value, str) and optional and value.strip() in unset:
             value = None
+        if ann is bool and optional and value is False:
+            value = None  # an unticked optional switch (packing) means "not set", as on the CLI
         if ann is int and isinstance(value, float) and value.is_integer():
             value = int(value)
         if name == "quantization" and "quantization" in kw:

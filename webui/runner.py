@@ -106,16 +106,27 @@ class Monitor:
     run_dir: Optional[Path] = None
     offset: int = 0
     records: list = field(default_factory=list)
+    inode: Optional[int] = None  # of the log read so far: a replaced log starts over
 
     def follow(self, run_dir: Optional[Path]) -> None:
         if run_dir != self.run_dir:
-            self.run_dir, self.offset, self.records = run_dir, 0, []
+            self.run_dir, self.offset, self.records, self.inode = run_dir, 0, [], None
 
     def poll(self) -> list[dict]:
         """New records since the last poll (reads only the new bytes)."""
         if self.run_dir is None:
             return []
-        new, self.offset = read_log(self.run_dir / LOG_FILE, self.offset)
+        path = self.run_dir / LOG_FILE
+        try:
+            st = path.stat()
+            size, inode = st.st_size, st.st_ino
+        except OSError:
+            size, inode = 0, None
+        # a fresh start in the same directory replaces the log: read the new one from its start
+        if size < self.offset or (self.inode is not None and inode is not None and inode != self.inode):
+            self.offset, self.records = 0, []
+        self.inode = inode
+        new, self.offset = read_log(path, self.offset)
         self.records.extend(new)
         return new
 

@@ -90,7 +90,9 @@ def plot_frame(records: list[dict], metric: str) -> pd.DataFrame:
     else:
         rows = [{"step": r["step"], "value": r[metric], "series": metric}
                 for r in records if isinstance(r.get(metric), (int, float))]
-    return pd.DataFrame(rows, columns=["step", "value", "series"])
+    frame = pd.DataFrame(rows, columns=["step", "value", "series"])
+    # explicit dtypes: an empty first frame must not make the plot treat the axes as categories
+    return frame.astype({"step": "int64", "value": "float64", "series": "string"})
 
 
 def metrics_of(records: list[dict]) -> list[str]:
@@ -102,8 +104,8 @@ def build(ui) -> None:
     lang = ui.lang
     with gr.Row():
         trainer = ui.widget("trainer", choices=stage_choices(lang))
-        data_dir = ui.widget("dataset_dir", value=str(DATA_DIR))
-        names, err = dataset_choices(str(DATA_DIR), "default")
+        data_dir = ui.widget("dataset_dir", value=str(ui.data_dir))
+        names, err = dataset_choices(str(ui.data_dir), "default")
         data_path = ui.widget("data_path", choices=names, multiselect=True, allow_custom_value=True,
                               value=["identity"], scale=2)
     registry_error = gr.HTML(error_html(err), elem_id="registry-error")
@@ -154,8 +156,8 @@ def build(ui) -> None:
         b_abort = ui.text(gr.Button("Abort", variant="stop", elem_id="btn-abort"), "btn_abort", "value")
     message = gr.HTML(elem_id="train-message")
     with gr.Row():
-        command = ui.text(gr.Code(language="shell", elem_id="command", interactive=False), "command")
-        run_yaml = ui.text(gr.Code(language="yaml", elem_id="run-yaml", interactive=False), "yaml")
+        command = ui.text(gr.Code(language="shell", elem_id="command", interactive=False, max_lines=6), "command")
+        run_yaml = ui.text(gr.Code(language="yaml", elem_id="run-yaml", interactive=False, max_lines=14), "yaml")
     progress = gr.HTML(progress_html({}, None, lang), elem_id="progress")
     with gr.Row():
         log_box = ui.text(gr.Textbox(lines=16, max_lines=16, autoscroll=True, interactive=False,

@@ -220,7 +220,19 @@ def test_malformed_dataset_shows_numbered_errors(server, browser, tmp_path):
     table = ui.pg.locator("#ds-errors").inner_text()
     assert "2 errors" in ui.pg.locator("#ds-validate-summary").inner_text()
     assert "record 2" in table and "record 4" in table and "output" in table
-    # the UI keeps serving: the train tab still previews a command
+    # the UI keeps serving: the train tab still previews a command, and the booster sets the fields
     ui.pg.get_by_role("tab", name="Train").click()
+    ui.pg.locator("#booster input").click()
+    ui.pg.get_by_role("option", name="flashattn2", exact=True).click()
     ui.pg.locator("#btn-preview-cmd").click()
-    ui.pg.wait_for_function("document.querySelector('#command').innerText.includes('aitraining llm')")
+    ui.pg.wait_for_function("document.querySelector('#command').innerText.includes('flash_attention_2')")
+
+    # every label follows the language: Simplified Chinese, then Portuguese
+    ui.pg.locator("#lang input").click()
+    ui.pg.get_by_role("option", name="简体中文", exact=True).click()
+    ui.pg.wait_for_function("document.querySelector('#field-model').innerText.includes('模型')")
+    assert "开始" in ui.pg.locator("#btn-start").inner_text()
+    ui.pg.locator("#lang input").click()
+    ui.pg.get_by_role("option", name="Português (Brasil)", exact=True).click()
+    ui.pg.wait_for_function("document.querySelector('#field-model').innerText.includes('Modelo')")
+    ui.shot("portuguese")

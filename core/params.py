@@ -174,7 +174,16 @@ class LLMTrainingParams(BaseModel):
     prompt_text_column: Optional[str] = P(None, "Prompt column (DPO/ORPO)", "preference")
     rejected_text_column: Optional[str] = P(None, "Rejected answer column (DPO/ORPO)", "preference")
     model_ref: Optional[str] = P(None, "Reference model (DPO; PPO's KL reference)", "preference")
-    dpo_beta: float = P(0.1, "DPO beta", "preference", gt=0)
+    dpo_beta: float = P(0.1, "DPO beta (also ORPO's lambda, SimPO's and KTO's beta)", "preference", gt=0)
+    pref_loss: Literal["sigmoid", "hinge", "ipo"] = P("sigmoid", "DPO loss type (sigmoid, hinge, ipo)",
+                                                      "preference")
+    dpo_label_smoothing: float = P(0.0, "DPO label smoothing (robust to noisy preferences), 0-0.5",
+                                   "preference", ge=0, le=0.5)
+    pref_ftx: float = P(0.0, "Weight of an SFT loss on the chosen answers added to the DPO loss",
+                        "preference", ge=0)
+    simpo_gamma: float = P(0.5, "SimPO target reward margin", "preference", ge=0)
+    kto_chosen_weight: float = P(1.0, "KTO weight of desirable examples", "preference", gt=0)
+    kto_rejected_weight: float = P(1.0, "KTO weight of undesirable examples", "preference", gt=0)
     max_prompt_length: int = P(128, "Maximum prompt length in tokens", "preference", ge=1)
     max_completion_length: Optional[int] = P(None, "Maximum completion length in tokens", "preference",
                                              ge=1)

@@ -199,6 +199,31 @@ def resume_path(params: LLMTrainingParams, run_dir: Path) -> Optional[str]:
     return choice
 
 
+def train_and_save(trainer, params: LLMTrainingParams, run_dir: Path, tokenizer, template: Optional[str], *,
+                   has_eval: bool, save=None) -> dict:
+    """Train (resuming when asked), evaluate, save the model with the chat template it trained
+    with, write the model card; an aborted run keeps its checkpoint and skips the final save.
+    save(trainer) replaces the default saving (e.g. a reward model, a value head)."""
+    from core.events import STOP
+    from core.model.export import save_trained
+    from core.templates import attach_template
+
+    result = trainer.train(resume_from_checkpoint=resume_path(params, run_dir))
+    metrics = dict(result.metrics)
+    if STOP.is_set():
+        return metrics
+    if has_eval:
+        metrics.update(trainer.evaluate())
+    if template is not None:
+        attach_template(tokenizer, template)  # chat later uses exactly what was trained
+    if save is not None:
+        save(trainer)
+    else:
+        save_trained(trainer.model, tokenizer, run_dir, merge_adapter=params.merge_adapter)
+    write_model_card(params, run_dir, metrics)
+    return metrics
+
+
 def write_model_card(params: LLMTrainingParams, run_dir: Path, metrics: dict) -> None:
     from core.config_io import atomic_write
 

@@ -8,19 +8,18 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from core.events import STOP, RunLogCallback
+from core.events import RunLogCallback
 from core.params import LLMTrainingParams
 from core.stages import common
 
 log = logging.getLogger("aitraining")
 
 
-def run(params: LLMTrainingParams, run_dir: Path) -> dict:
+def build_trainer(params: LLMTrainingParams, run_dir: Path):
+    """(trainer, tokenizer, chat template, has_eval): everything configured, nothing trained yet."""
     from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
 
     from core.data.tokenize import tokenize_dataset
-    from core.model.export import save_trained
-    from core.templates import attach_template
 
     set_seed(params.seed)
     path, tokenizer, template, config = common.load_tokenizer_and_template(params)
@@ -41,14 +40,9 @@ def run(params: LLMTrainingParams, run_dir: Path) -> dict:
         data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True),
         processing_class=tokenizer, callbacks=[RunLogCallback(run_dir, "sft")],
     )
-    result = trainer.train(resume_from_checkpoint=common.resume_path(params, run_dir))
-    metrics = dict(result.metrics)
-    if STOP.is_set():  # aborted: the callback saved a checkpoint; leave final outputs alone
-        return metrics
-    if eval_ds is not None:
-        metrics.update(trainer.evaluate())
-    if template is not None:
-        attach_template(tokenizer, template)  # chat later uses exactly what was trained
-    save_trained(trainer.model, tokenizer, run_dir, merge_adapter=params.merge_adapter)
-    common.write_model_card(params, run_dir, metrics)
-    return metrics
+    return trainer, tokenizer, template, eval_ds is not None
+
+
+def run(params: LLMTrainingParams, run_dir: Path) -> dict:
+    trainer, tokenizer, template, has_eval = build_trainer(params, run_dir)
+    return common.train_and_save(trainer, params, run_dir, tokenizer, template, has_eval=has_eval)

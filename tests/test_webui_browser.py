@@ -227,6 +227,23 @@ def test_malformed_dataset_shows_numbered_errors(server, browser, tmp_path):
     ui.pg.locator("#btn-preview-cmd").click()
     ui.pg.wait_for_function("document.querySelector('#command').innerText.includes('flash_attention_2')")
 
+    # export the run YAML (download) and import it back (upload)
+    ui.pg.locator("#acc-peft").click()  # the LoRA accordion
+    ui.fill("lora_r", 12)
+    ui.pg.locator("#btn-export-yaml").click()
+    link = ui.pg.locator("#export-yaml-file a").first
+    link.wait_for()
+    with ui.pg.expect_download() as dl:
+        link.click()
+    exported = Path(dl.value.path()).read_text()
+    assert "lora_r: 12" in exported and exported.startswith("task: llm-")
+    edited = tmp_path / "edited.yaml"
+    edited.write_text(exported.replace("lora_r: 12", "lora_r: 24"))
+    with ui.pg.expect_file_chooser() as chooser:
+        ui.pg.locator("#btn-import-yaml").click()
+    chooser.value.set_files(str(edited))
+    ui.pg.wait_for_function("document.querySelector('#field-lora_r input').value === '24'")
+
     # every label follows the language: Simplified Chinese, then Portuguese
     ui.pg.locator("#lang input").click()
     ui.pg.get_by_role("option", name="简体中文", exact=True).click()

@@ -147,13 +147,14 @@ def build(ui) -> None:
         saved = gr.Dropdown(choices=saved_args(ui.runs_root), elem_id="saved-args", allow_custom_value=True)
         ui.text(saved, "btn_load")
         b_load = ui.text(gr.Button("Load arguments", elem_id="btn-load"), "btn_load", "value")
-        b_export = ui.text(gr.DownloadButton("Export YAML", elem_id="btn-export-yaml"), "btn_export_yaml", "value")
+        b_export = ui.text(gr.Button("Export YAML", elem_id="btn-export-yaml"), "btn_export_yaml", "value")
         b_import = ui.text(gr.UploadButton("Import YAML", file_types=[".yaml", ".yml"], elem_id="btn-import-yaml"),
                            "btn_import_yaml", "label")
     with gr.Row():
         b_start = ui.text(gr.Button("Start", variant="primary", elem_id="btn-start"), "btn_start", "value")
         b_resume = gr.Button("Resume", elem_id="btn-resume", visible=False)
         b_abort = ui.text(gr.Button("Abort", variant="stop", elem_id="btn-abort"), "btn_abort", "value")
+    yaml_file = gr.File(visible=False, elem_id="export-yaml-file", interactive=False)
     message = gr.HTML(elem_id="train-message")
     with gr.Row():
         command = ui.text(gr.Code(language="shell", elem_id="command", interactive=False, max_lines=6), "command")
@@ -249,12 +250,12 @@ def build(ui) -> None:
         try:
             p = params_from(args)
         except UserError as e:
-            raise gr.Error(str(e))
+            return gr.skip(), error_html(str(e))
         path = args_dir(ui.runs_root) / f"{Path(p.project_name).name}.yaml"
         config_io.save(p, path)
-        return str(path)
+        return gr.update(value=str(path), visible=True), ""
 
-    b_export.click(export_yaml, inputs, b_export)
+    b_export.click(export_yaml, inputs, [yaml_file, message])
 
     def import_yaml(file):
         return load_args(file if isinstance(file, str) else file.name)

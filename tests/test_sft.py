@@ -203,3 +203,24 @@ def test_rope_scaling_stretches_the_context(tiny_model_dir, tmp_path, spy_model)
     assert Project(p, process=False).create() == 0
     rope = spy_model["model"].config.rope_parameters
     assert rope["rope_type"] == "linear" and rope["factor"] == 2.0
+
+
+def test_config_file_replays_with_eval_and_tensorboard(tiny_model_dir, tmp_path):
+    """`aitraining --config run.yaml`: a run file in the seed's shape, with a validation split,
+    evaluation each epoch and TensorBoard logging."""
+    from core import config_io
+
+    data = write_alpaca(tmp_path / "train.jsonl")
+    out = tmp_path / "from-yaml"
+    p = base_params(tiny_model_dir, data, out, peft=True, epochs=2, val_size=0.34, eval_strategy="epoch",
+                    log="tensorboard", lr=2e-2)
+    run_file = config_io.save(p, tmp_path / "run.yaml")
+    proc = subprocess.run([shutil.which("aitraining"), "--config", str(run_file)], capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records, _ = read_log(out / "trainer_log.jsonl")
+    evals = [r["eval_loss"] for r in records if r.get("eval_loss") is not None]
+    assert len(evals) >= 2, records  # one per epoch (plus the final evaluation)
+    assert read_status(out)["metrics"]["eval_loss"] > 0
+    assert list(out.rglob("events.out.tfevents.*")), "no TensorBoard event file"
+    assert (out / "config.yaml").read_text() == run_file.read_text()  # the run replays byte for byte

@@ -13,7 +13,7 @@ from typing import Any
 import gradio as gr
 
 from core import config_io
-from core.params import GROUPS, LLMTrainingParams, field_meta, fields_in_group
+from core.params import LLMTrainingParams, field_meta, fields_in_group
 from webui.i18n import field_info, field_label
 
 FIELDS = LLMTrainingParams.model_fields

@@ -12,8 +12,6 @@ and may not leave it. Every problem is a DataError naming dataset_info.json and 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -163,17 +161,7 @@ def save_dataset_info(data_dir, entries: dict) -> Path:
         entry = entry if isinstance(entry, DatasetEntry) else _validate(path, name, entry)
         entry_path(data_dir, name, entry, must_exist=False)
         out[name] = entry.model_dump(exclude_defaults=True, exclude_none=True)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=data_dir, prefix=".dataset_info.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(out, f, ensure_ascii=False, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from core.config_io import atomic_write
+
+    atomic_write(path, json.dumps(out, ensure_ascii=False, indent=2) + "\n")
     return path

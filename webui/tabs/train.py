@@ -225,13 +225,16 @@ def build(ui) -> None:
 
     b_cmd.click(preview_command, inputs, [command, run_yaml, message])
 
+    def save_form(args) -> Path:
+        """The form as a run file under <runs>/.saved_args/ (named after the output directory)."""
+        p = params_from(args)
+        return config_io.save(p, args_dir(ui.runs_root) / f"{Path(p.project_name).name}.yaml")
+
     def save_args(*args):
         try:
-            p = params_from(args)
+            path = save_form(args)
         except UserError as e:
             return gr.skip(), error_html(str(e))
-        path = args_dir(ui.runs_root) / f"{Path(p.project_name).name}.yaml"
-        config_io.save(p, path)
         return gr.update(choices=saved_args(ui.runs_root), value=str(path)), t("msg_saved", ui.lang, path=path)
 
     b_save.click(save_args, inputs, [saved, message])
@@ -248,11 +251,9 @@ def build(ui) -> None:
 
     def export_yaml(*args):
         try:
-            p = params_from(args)
+            path = save_form(args)
         except UserError as e:
             return gr.skip(), error_html(str(e))
-        path = args_dir(ui.runs_root) / f"{Path(p.project_name).name}.yaml"
-        config_io.save(p, path)
         return gr.update(value=str(path), visible=True), ""
 
     b_export.click(export_yaml, inputs, [yaml_file, message])

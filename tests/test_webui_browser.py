@@ -194,6 +194,18 @@ def test_abort_stops_every_process_and_keeps_a_checkpoint(server, browser, tmp_p
     checkpoints = list(run_dir.glob("checkpoint-*"))
     assert checkpoints and (checkpoints[0] / "trainer_state.json").is_file()
     assert read_status(run_dir)["state"] == "aborted"
+    # the page offers to resume, naming the checkpoint; resuming continues from its step
+    resume = ui.pg.locator("#btn-resume")
+    resume.wait_for()
+    assert checkpoints[0].name in resume.inner_text()
+    saved_step = int(checkpoints[0].name.split("-")[1])
+    resume.click()
+    ui.pg.wait_for_selector("#started")
+    ui.pg.wait_for_function(f"Number(document.querySelector('#run-progress').dataset.step) > {saved_step}",
+                            timeout=120_000)
+    ui.shot("resumed")
+    ui.pg.locator("#btn-abort").click()
+    ui.wait_state({"aborted"}, timeout=90)
 
 
 def test_malformed_dataset_shows_numbered_errors(server, browser, tmp_path):

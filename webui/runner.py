@@ -107,10 +107,11 @@ class Monitor:
     offset: int = 0
     records: list = field(default_factory=list)
     inode: Optional[int] = None  # of the log read so far: a replaced log starts over
+    state: str = ""  # the run state last shown, to act once when it changes
 
     def follow(self, run_dir: Optional[Path]) -> None:
         if run_dir != self.run_dir:
-            self.run_dir, self.offset, self.records, self.inode = run_dir, 0, [], None
+            self.run_dir, self.offset, self.records, self.inode, self.state = run_dir, 0, [], None, ""
 
     def poll(self) -> list[dict]:
         """New records since the last poll (reads only the new bytes)."""

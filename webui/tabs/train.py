@@ -303,10 +303,15 @@ def build(ui) -> None:
         log_text = tail(target / "running.log") if target else ""
         plot_update = plot_frame(mon.records, metric_name) if new or not mon.records else gr.skip()
         metric_update = gr.update(choices=metrics_of(mon.records)) if new else gr.skip()
-        return mon, progress_html(info, last, lang_value or ui.lang), log_text, plot_update, metric_update
+        offer = (gr.skip(), gr.skip())
+        if info.get("state", "") != mon.state:  # a run just ended (or started): offer to resume it
+            mon.state = info.get("state", "")
+            offer = resume_offer(str(target)) if mon.state in ("aborted", "failed") else ("", gr.update(visible=False))
+        return (mon, progress_html(info, last, lang_value or ui.lang), log_text, plot_update, metric_update,
+                *offer)
 
-    timer.tick(tick, [monitor, followed, metric, ui.extra["lang"]], [monitor, progress, log_box, plot, metric],
-               show_progress="hidden")
+    timer.tick(tick, [monitor, followed, metric, ui.extra["lang"]],
+               [monitor, progress, log_box, plot, metric, resume_md, b_resume], show_progress="hidden")
     metric.change(lambda mon, m: plot_frame(mon.records, m), [monitor, metric], plot)
 
     def on_load(*args):

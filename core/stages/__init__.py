@@ -26,12 +26,13 @@ class Stage:
 
 STAGES: dict[str, Stage] = {
     "sft": Stage("sft", "Supervised fine-tuning", "sft", "core.stages.sft:run"),
+    "distillation": Stage("distillation", "Knowledge distillation", "sft", "core.stages.distillation:run"),
 }
 
 # Listed in the UI and accepted by the schema; the training code is a later issue.
 PLANNED: dict[str, str] = {
     "pt": "Pre-training", "reward": "Reward modeling", "dpo": "DPO", "orpo": "ORPO",
-    "simpo": "SimPO", "kto": "KTO", "ppo": "PPO", "distillation": "Knowledge distillation",
+    "simpo": "SimPO", "kto": "KTO", "ppo": "PPO",
 }
 
 

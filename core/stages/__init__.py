@@ -26,13 +26,17 @@ class Stage:
 
 STAGES: dict[str, Stage] = {
     "sft": Stage("sft", "Supervised fine-tuning", "sft", "core.stages.sft:run"),
+    "dpo": Stage("dpo", "DPO (direct preference optimization)", "preference", "core.stages.dpo:run"),
+    "orpo": Stage("orpo", "ORPO (odds ratio preference optimization)", "preference", "core.stages.orpo:run"),
+    "simpo": Stage("simpo", "SimPO (simple preference optimization)", "preference", "core.stages.simpo:run"),
+    "kto": Stage("kto", "KTO (Kahneman-Tversky optimization)", "kto", "core.stages.kto:run"),
     "distillation": Stage("distillation", "Knowledge distillation", "sft", "core.stages.distillation:run"),
 }
 
 # Listed in the UI and accepted by the schema; the training code is a later issue.
 PLANNED: dict[str, str] = {
-    "pt": "Pre-training", "reward": "Reward modeling", "dpo": "DPO", "orpo": "ORPO",
-    "simpo": "SimPO", "kto": "KTO", "ppo": "PPO",
+    "pt": "Pre-training", "reward": "Reward modeling",
+    "ppo": "PPO",
 }
 
 

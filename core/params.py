@@ -304,9 +304,9 @@ class LLMTrainingParams(BaseModel):
                 raise ValueError(f"{self.trainer.upper()} needs {' and '.join(missing)} (and --text-column "
                                  "for the chosen answer), e.g. --prompt-text-column prompt --text-column "
                                  "chosen --rejected-text-column rejected")
-        if stage == "ppo" and not (self.rl_reward_model_path or self.model_ref):
-            raise ValueError("PPO needs a reward model: pass --rl-reward-model-path (train one with "
-                             "--trainer reward) or --model-ref")
+        if stage == "ppo" and not (self.rl_reward_model_path or self.rl_reward_fn or self.model_ref):
+            raise ValueError("PPO needs a reward: pass --rl-reward-model-path (train one with "
+                             "--trainer reward), --rl-reward-fn (a built-in or module:function) or --model-ref")
         if stage == "distillation" and not self.teacher_model:
             raise ValueError("distillation needs --teacher-model")
         if self.unsloth and stage != "sft":

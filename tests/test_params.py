@@ -190,6 +190,7 @@ def test_dpo_on_registered_dataset_needs_no_columns():
 def test_ppo_with_reward_model_is_valid():
     assert LLMTrainingParams(trainer="ppo", rl_reward_model_path="./rm").stage == "ppo"
     assert LLMTrainingParams(trainer="ppo", model_ref="./ref").stage == "ppo"
+    assert LLMTrainingParams(trainer="ppo", rl_reward_fn="length_penalty").stage == "ppo"
 
 
 def test_use_distillation_selects_the_stage():

@@ -31,12 +31,12 @@ STAGES: dict[str, Stage] = {
     "simpo": Stage("simpo", "SimPO (simple preference optimization)", "preference", "core.stages.simpo:run"),
     "kto": Stage("kto", "KTO (Kahneman-Tversky optimization)", "kto", "core.stages.kto:run"),
     "distillation": Stage("distillation", "Knowledge distillation", "sft", "core.stages.distillation:run"),
+    "ppo": Stage("ppo", "PPO (reinforcement learning from a reward)", "sft", "core.stages.ppo:run"),
 }
 
 # Listed in the UI and accepted by the schema; the training code is a later issue.
 PLANNED: dict[str, str] = {
     "pt": "Pre-training", "reward": "Reward modeling",
-    "ppo": "PPO",
 }
 
 

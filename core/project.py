@@ -36,9 +36,15 @@ class Project:
 
         if self.params.stage not in STAGES:
             raise ConfigError(not_implemented_message(self.params))
-        if self.params.quantization:
-            raise ConfigError("--quantization (QLoRA) is not available in this version yet; drop it to "
-                              "train a plain LoRA adapter")
+        p = self.params
+        # Options whose machinery has not landed yet are refused, never silently ignored.
+        pending = {"--quantization (QLoRA)": p.quantization, "--distributed-backend deepspeed":
+                   p.distributed_backend == "deepspeed", "--use-sweep": p.use_sweep,
+                   "--use-enhanced-eval": p.use_enhanced_eval, "--push-to-hub": p.push_to_hub}
+        for flag, asked in pending.items():
+            if asked:
+                raise ConfigError(f"{flag} is not available in this version yet; drop it (the run itself "
+                                  "does not need it)")
         # Read and validate the data now: a malformed record is reported in seconds, with its
         # file and record number, instead of after the model has loaded in the child process.
         from core.stages.common import load_records

@@ -60,6 +60,11 @@ def load_trainable_model(params: LLMTrainingParams, path, model_class=None):
     from core.model.adapters import apply_finetuning, trainable_summary
     from core.model.loader import load_model, pick_attention, pick_dtype
 
+    if params.unsloth:  # seed 001's fallback: say so once and train on the standard path
+        import importlib.util
+
+        if importlib.util.find_spec("unsloth") is None or device_type() != "cuda":
+            log.warning("WARNING: Unsloth not available, continuing without it...")
     dtype = pick_dtype(params.mixed_precision, device_type())
     # On a CPU memory is rarely the limit for the models that train here, and checkpointing
     # costs a second forward pass: keep it for accelerators unless the user disabled it.

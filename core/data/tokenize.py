@@ -128,9 +128,56 @@ def tokenize_dataset(tokenizer, records, chat_template: str | None, *, cutoff_le
     return Dataset.from_dict(rows)
 
 
-def pack_dataset(dataset, *, cutoff_len: int):
-    """Seam for sequence packing: concatenate tokenized examples into cutoff_len blocks.
+def pack_dataset(dataset, *, cutoff_len: int, pad_token_id: int | None = None, source: str = "dataset"):
+    """Concatenate tokenized examples (input_ids, labels) into blocks of exactly cutoff_len tokens.
 
-    Not supported yet; callers should train unpacked.
+    Examples are joined end to end in their order, so a block may hold the end of one example and
+    the start of the next (separated by whatever the examples end with, e.g. eos): no token is
+    spent on padding between documents. The tokens after the last full block form one more block
+    padded to cutoff_len with pad_token_id (attention 0, labels -100), so nothing is lost; without
+    a pad_token_id they are dropped. Existing labels (-100 for masked prompts) travel with their
+    tokens; examples without labels train every token.
     """
-    raise NotImplementedError("sequence packing is not supported yet")
+    import itertools
+
+    import numpy as np
+    from datasets import Dataset
+
+    if cutoff_len < 1:
+        raise ValueError(f"cutoff_len must be >= 1, got {cutoff_len}")
+    if isinstance(dataset, Dataset):
+        columns = dataset.column_names
+        ids = list(dataset["input_ids"])
+        labels = list(dataset["labels"]) if "labels" in columns else ids
+    else:  # a list of dicts
+        ids = [ex["input_ids"] for ex in dataset]
+        labels = [ex.get("labels", ex["input_ids"]) for ex in dataset]
+    flat_ids = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64)
+    flat_labels = np.fromiter(itertools.chain.from_iterable(labels), dtype=np.int64)
+    if flat_ids.shape != flat_labels.shape:
+        raise ValueError("input_ids and labels differ in length; cannot pack")
+    if flat_ids.size == 0:
+        raise DataError(source, "nothing to pack: no tokens", fix="check that the records hold text")
+    n_full, rest = divmod(flat_ids.size, cutoff_len)
+    used = n_full * cutoff_len
+    block_ids = flat_ids[:used].reshape(n_full, cutoff_len)
+    block_labels = flat_labels[:used].reshape(n_full, cutoff_len)
+    block_mask = np.ones_like(block_ids)
+    if rest and pad_token_id is not None:
+        pad = cutoff_len - rest
+        block_ids = np.concatenate([block_ids, np.concatenate(
+            [flat_ids[used:], np.full(pad, pad_token_id, dtype=np.int64)])[None]])
+        block_labels = np.concatenate([block_labels, np.concatenate(
+            [flat_labels[used:], np.full(pad, IGNORE_INDEX, dtype=np.int64)])[None]])
+        block_mask = np.concatenate([block_mask, np.concatenate(
+            [np.ones(rest, dtype=np.int64), np.zeros(pad, dtype=np.int64)])[None]])
+    elif rest:
+        log.info("%s: packing dropped the last %d tokens (less than one %d-token block)", source, rest,
+                 cutoff_len)
+    if len(block_ids) == 0:
+        raise DataError(source, f"{flat_ids.size} tokens are less than one block of {cutoff_len}",
+                        fix="lower --block-size or add data")
+    log.info("%s: packed %d examples (%d tokens) into %d blocks of %d tokens", source, len(ids),
+             flat_ids.size, len(block_ids), cutoff_len)
+    return Dataset.from_dict({"input_ids": block_ids.tolist(), "attention_mask": block_mask.tolist(),
+                              "labels": block_labels.tolist()})

@@ -26,6 +26,8 @@ class Stage:
 
 STAGES: dict[str, Stage] = {
     "sft": Stage("sft", "Supervised fine-tuning", "sft", "core.stages.sft:run"),
+    "pt": Stage("pt", "Pre-training", "text", "core.stages.pt:run"),
+    "reward": Stage("reward", "Reward modeling", "preference", "core.stages.reward:run"),
     "dpo": Stage("dpo", "DPO (direct preference optimization)", "preference", "core.stages.dpo:run"),
     "orpo": Stage("orpo", "ORPO (odds ratio preference optimization)", "preference", "core.stages.orpo:run"),
     "simpo": Stage("simpo", "SimPO (simple preference optimization)", "preference", "core.stages.simpo:run"),
@@ -36,7 +38,6 @@ STAGES: dict[str, Stage] = {
 
 # Listed in the UI and accepted by the schema; the training code is a later issue.
 PLANNED: dict[str, str] = {
-    "pt": "Pre-training", "reward": "Reward modeling",
 }
 
 

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from core import LLMTrainingParams, Project
 from core.errors import ConfigError
 from core.events import STOP, read_log, read_status
-from core.stages import PLANNED, STAGES, ppo
+from core.stages import STAGES, ppo
 
 QA = [("What is the capital of France?", "Paris."), ("What is two plus two?", "Four."),
       ("Say hello in Portuguese.", "Olá!"), ("What colour is the sky?", "Blue."),
@@ -160,7 +160,7 @@ def test_prompts_are_the_conversation_up_to_the_last_user_turn(tiny_tokenizer):
 # ---------------------------------------------------------------------------- wiring
 
 def test_registered_and_flags_reach_the_loop(tiny_model_dir, data, tmp_path, monkeypatch):
-    assert "ppo" in STAGES and "ppo" not in PLANNED and STAGES["ppo"].data_kind == "sft"
+    assert "ppo" in STAGES and STAGES["ppo"].data_kind == "sft"
     p = pparams(tiny_model_dir, data, tmp_path / "o", rl_clip_range=0.15, rl_value_clip_range=0.3,
                 rl_gamma=0.9, rl_gae_lambda=0.7, rl_kl_coef=0.02, rl_value_loss_coef=0.4, rl_num_ppo_epochs=2,
                 rl_mini_batch_size=5, batch_size=10, rl_max_new_tokens=5, rl_top_k=7, rl_top_p=0.8,

@@ -16,7 +16,7 @@ import torch
 from core import LLMTrainingParams, Project
 from core.errors import ConfigError, DataError
 from core.events import read_log, read_status
-from core.stages import PLANNED, STAGES, common, reward
+from core.stages import STAGES, common, reward
 from core.stages.reward import load_reward_model, reward_scores
 
 TOPICS = ["the beach", "the park", "the hills", "the lake", "the city", "the farm", "the forest", "the coast",
@@ -62,7 +62,7 @@ def conv(row, answer):
 
 
 def test_reward_is_a_registered_stage():
-    assert STAGES["reward"].data_kind == "preference" and "reward" not in PLANNED
+    assert STAGES["reward"].data_kind == "preference"
 
 
 def test_lora_reward_model_separates_and_reloads(tiny_model_dir, tmp_path):

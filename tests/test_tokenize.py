@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from core.data.tokenize import (
-    encode_sft_record, encode_text_record, pack_dataset, tokenize_dataset,
+    encode_sft_record, encode_text_record, tokenize_dataset,
 )
 from core.errors import DataError
 from core.templates import IGNORE_INDEX
@@ -117,7 +117,3 @@ def test_tokenize_dataset_drops_untrainable_with_count(tiny_tokenizer, caplog):
         tokenize_dataset(tiny_tokenizer, [conv(("Hi", ""))], None, cutoff_len=64,
                          add_eos_token=False, source="train.jsonl")
 
-
-def test_packing_is_a_seam_only():
-    with pytest.raises(NotImplementedError):
-        pack_dataset([], cutoff_len=8)

@@ -1,7 +1,7 @@
 """The stage registry: STAGES is the only list of what `--trainer` can run.
 
 A stage is one module in this package with `run(params, run_dir) -> dict` (final metrics).
-Stages named in PLANNED parse and validate but stop with a clear message until they land.
+Every trainer of the schema (core.params.TRAINER_STAGE) has its stage here; a test checks it.
 """
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable
 
-from core.params import LLMTrainingParams
 
 
 @dataclass(frozen=True)
@@ -35,13 +34,3 @@ STAGES: dict[str, Stage] = {
     "distillation": Stage("distillation", "Knowledge distillation", "sft", "core.stages.distillation:run"),
     "ppo": Stage("ppo", "PPO (reinforcement learning from a reward)", "sft", "core.stages.ppo:run"),
 }
-
-# Listed in the UI and accepted by the schema; the training code is a later issue.
-PLANNED: dict[str, str] = {
-}
-
-
-def not_implemented_message(params: LLMTrainingParams) -> str:
-    return (f"--trainer {params.trainer} ({PLANNED.get(params.stage, params.stage)}) is not implemented yet "
-            f"in this version: its parameters are valid, but only {', '.join(sorted(STAGES))} "
-            "(--trainer default/sft/generic) can train now")

@@ -14,7 +14,7 @@ from core.cli import command_line
 from core.errors import UserError
 from core.events import smooth
 from core.params import GROUPS, TRAINER_STAGE, LLMTrainingParams
-from core.stages import PLANNED, STAGES
+from core.stages import STAGES
 from webui import form
 from webui.i18n import group_title, t
 from webui.runner import Monitor, describe, last_checkpoint, tail
@@ -23,20 +23,15 @@ SKIP_METRICS = {"step", "total_steps", "epoch", "elapsed", "remaining", "percent
 
 
 def stage_choices(lang: str) -> list[tuple[str, str]]:
-    out = []
-    for trainer, stage in TRAINER_STAGE.items():
-        label = trainer if stage in STAGES else f"{trainer} — {t('stage_not_ready', lang, stage=PLANNED[stage])}"
-        out.append((label, trainer))
-    return out
+    return [(f"{trainer} — {STAGES[stage].title}" if trainer == stage or trainer == "default" else trainer, trainer)
+            for trainer, stage in TRAINER_STAGE.items()]
 
 
 def dataset_choices(data_dir: str, trainer: str) -> tuple[list[str], str]:
     """Registered datasets fitting the trainer's data kind, and an error message ('' if none)."""
     from core.data.registry import dataset_kind, load_dataset_info
 
-    stage = TRAINER_STAGE.get(trainer, "sft")
-    want = STAGES[stage].data_kind if stage in STAGES else {"pt": "text", "kto": "kto"}.get(
-        stage, "preference" if stage in ("reward", "dpo", "orpo", "simpo") else "sft")
+    want = STAGES[TRAINER_STAGE.get(trainer, "sft")].data_kind
     try:
         entries = load_dataset_info(Path(data_dir or DATA_DIR), check_files=False)
     except UserError as e:
@@ -193,7 +188,7 @@ def build(ui) -> None:
         try:
             p = params_from(args)
             _, tok, template, _ = load_tokenizer_and_template(p)
-            kind = STAGES[p.stage].data_kind if p.stage in STAGES else "sft"
+            kind = STAGES[p.stage].data_kind
             res = preview(p.data_path, data_dir=Path(p.dataset_dir or DATA_DIR), kind=kind, page=int(page_no or 0),
                           page_size=3, tokenizer=tok, chat_template=template, cutoff_len=p.block_size if
                           p.block_size > 0 else p.model_max_length, train_on_prompt=p.train_on_prompt,

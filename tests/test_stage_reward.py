@@ -98,6 +98,13 @@ def test_lora_reward_model_separates_and_reloads(tiny_model_dir, tmp_path):
         chosen, rejected = s[0::2], s[1::2]
         assert (chosen > rejected).float().mean() > 0.9, (chosen, rejected)
     assert torch.allclose(scores[out.name], scores["adapter"], atol=1e-4)
+    # the Export tab's merge of the reward adapter keeps the one-label score head
+    from core.model.export import merge_adapter_dir
+
+    exported = merge_adapter_dir(out / "adapter", tmp_path / "exported")
+    model, tok = load_reward_model(exported)
+    again = reward_scores(model, tok, [conv(r, k) for r in rows for k in ("chosen", "rejected")], batch_size=5)
+    assert torch.allclose(again, scores[out.name], atol=1e-4)
     # one conversation alone scores as in a padded batch
     model, tok = load_reward_model(out)
     alone = reward_scores(model, tok, [conv(rows[0], "rejected")])

@@ -74,7 +74,11 @@ def merge_adapter_dir(adapter_dir, out_dir, max_shard_size="2GB", *, trust_remot
         saved_dtype = getattr(torch, saved_dtype, None)
 
     # merge in fp32: W + B@A * scale is exact enough there; cast back to the base's dtype afterwards
-    model = cls.from_pretrained(base, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    # a reward model's adapter carries a one-label score head (--trainer reward)
+    extra = {"num_labels": 1} if task == "SEQ_CLS" else {}
+    model = cls.from_pretrained(base, dtype=torch.float32, trust_remote_code=trust_remote_code, **extra)
+    if task == "SEQ_CLS" and model.config.pad_token_id is None:
+        model.config.pad_token_id = load_tokenizer(base).pad_token_id
     model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     if isinstance(saved_dtype, torch.dtype) and saved_dtype.is_floating_point and saved_dtype != torch.float32:
         model = model.to(saved_dtype)

@@ -47,3 +47,37 @@ def tiny_tokenizer():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(TINY_TOKENIZER)
+
+
+# A tiny instruction set the end-to-end tests train on.
+QA = [("What is the capital of France?", "Paris."), ("What is two plus two?", "Four."),
+      ("Say hello in Portuguese.", "Olá!"), ("What colour is the sky?", "Blue."),
+      ("Name a fruit.", "Apple."), ("What is the opposite of hot?", "Cold.")]
+
+
+def write_alpaca(path: Path, n: int = 6, repeat: int = 1) -> Path:
+    """QA[:n] as an alpaca jsonl file, each record `repeat` times."""
+    import json
+
+    rows = [json.dumps({"instruction": q, "input": "", "output": a}) for q, a in QA[:n]] * repeat
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def spy_model(monkeypatch):
+    """The model a stage trains and a copy of its weights before training: a spy around the real
+    loader (core.stages.common.load_trainable_model), which still does all the work."""
+    from core.stages import common
+
+    seen = {}
+    real = common.load_trainable_model
+
+    def spy(*a, **kw):
+        model, dtype = real(*a, **kw)
+        seen["model"] = model
+        seen["before"] = {n: p.detach().clone() for n, p in model.named_parameters()}
+        return model, dtype
+
+    monkeypatch.setattr(common, "load_trainable_model", spy)
+    return seen

@@ -4,41 +4,14 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from core import LLMTrainingParams, Project
 from core.events import read_log, read_status
-from core.stages import common
 
-QA = [("What is the capital of France?", "Paris."), ("What is two plus two?", "Four."),
-      ("Say hello in Portuguese.", "Olá!"), ("What colour is the sky?", "Blue."),
-      ("Name a fruit.", "Apple."), ("What is the opposite of hot?", "Cold.")]
-
-
-def write_alpaca(path: Path, n: int = 6) -> Path:
-    path.write_text("\n".join(json.dumps({"instruction": q, "input": "", "output": a}) for q, a in QA[:n]) + "\n",
-                    encoding="utf-8")
-    return path
-
-
-@pytest.fixture
-def spy_model(monkeypatch):
-    """Records the model the stage trains and a copy of its weights before training (a spy around
-    the real loader, which still does all the work)."""
-    seen = {}
-    real = common.load_trainable_model
-
-    def spy(*a, **kw):
-        model, dtype = real(*a, **kw)
-        seen["model"] = model
-        seen["before"] = {n: p.detach().clone() for n, p in model.named_parameters()}
-        return model, dtype
-
-    monkeypatch.setattr(common, "load_trainable_model", spy)
-    return seen
+from conftest import write_alpaca
 
 
 def base_params(tiny_model_dir, data, out, **kw):
@@ -89,7 +62,6 @@ def test_sft_method_trains_what_it_should(method, tiny_model_dir, tmp_path, spy_
     for key in ("step", "total_steps", "epoch", "lr", "elapsed", "percentage"):
         assert key in rec
 
-
 def test_lora_outputs_reload_and_generate(tiny_model_dir, tmp_path):
     from core.model.loader import load_for_inference
 
@@ -111,7 +83,6 @@ def test_lora_outputs_reload_and_generate(tiny_model_dir, tmp_path):
         assert gen.shape[1] > tok_ids.shape[1]
     assert torch.allclose(logits["run"], logits["merged"], atol=1e-4)
 
-
 def test_resume_from_checkpoint_auto_continues_at_saved_step(tiny_model_dir, tmp_path):
     data = write_alpaca(tmp_path / "train.jsonl")
     out = tmp_path / "run"
@@ -127,7 +98,6 @@ def test_resume_from_checkpoint_auto_continues_at_saved_step(tiny_model_dir, tmp
     assert steps and min(steps) == 5 and max(steps) == 6, steps
     state = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())
     assert state["global_step"] == 6
-
 
 def test_cli_trains_end_to_end_in_a_subprocess(tiny_model_dir, tmp_path):
     data = write_alpaca(tmp_path / "train.jsonl")
@@ -146,7 +116,6 @@ def test_cli_trains_end_to_end_in_a_subprocess(tiny_model_dir, tmp_path):
     assert config_io.dumps(config_io.loads(text)) == text
     assert config_io.loads(text).max_samples == 4
 
-
 def test_cli_bad_record_exits_2_without_traceback(tiny_model_dir, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "hi", "output": "yo"}\n{"instruction": "x", "output": \n', encoding="utf-8")
@@ -158,7 +127,6 @@ def test_cli_bad_record_exits_2_without_traceback(tiny_model_dir, tmp_path):
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "o" / "status.json").exists()  # refused before a run started
 
-
 def test_every_trainer_has_a_registered_stage():
     from core.params import TRAINER_STAGE
     from core.stages import STAGES
@@ -167,7 +135,6 @@ def test_every_trainer_has_a_registered_stage():
     for stage in STAGES.values():
         assert callable(stage.runner())
 
-
 def test_cli_help_per_trainer():
     out = subprocess.run([sys.executable, "-m", "core.cli", "llm", "--trainer", "dpo", "--help"],
                          capture_output=True, text=True, timeout=60).stdout
@@ -175,7 +142,6 @@ def test_cli_help_per_trainer():
     out = subprocess.run([sys.executable, "-m", "core.cli", "llm", "--trainer", "ppo", "--help"],
                          capture_output=True, text=True, timeout=60).stdout
     assert "--rl-reward-model-path" in out and "--dpo-beta" not in out
-
 
 def test_adapter_path_continues_an_existing_adapter(tiny_model_dir, tmp_path, spy_model):
     from safetensors.torch import load_file
@@ -196,7 +162,6 @@ def test_adapter_path_continues_an_existing_adapter(tiny_model_dir, tmp_path, sp
     after = load_file(str(second / "adapter_model.safetensors"))
     assert any(not torch.equal(after[k], saved[k]) for k in saved)  # ...and kept training it
 
-
 def test_rope_scaling_stretches_the_context(tiny_model_dir, tmp_path, spy_model):
     data = write_alpaca(tmp_path / "train.jsonl")
     p = base_params(tiny_model_dir, data, tmp_path / "rope", peft=True, epochs=1, rope_scaling="linear",
@@ -204,7 +169,6 @@ def test_rope_scaling_stretches_the_context(tiny_model_dir, tmp_path, spy_model)
     assert Project(p, process=False).create() == 0
     rope = spy_model["model"].config.rope_parameters
     assert rope["rope_type"] == "linear" and rope["factor"] == 2.0
-
 
 def test_config_file_replays_with_eval_and_tensorboard(tiny_model_dir, tmp_path):
     """`aitraining --config run.yaml`: a run file in the seed's shape, with a validation split,
@@ -236,7 +200,6 @@ def test_options_not_built_yet_are_refused_not_ignored(kw, flag, tiny_model_dir,
     p = base_params(tiny_model_dir, write_alpaca(tmp_path / "t.jsonl"), tmp_path / "o", **kw)
     with pytest.raises(ConfigError, match=f"{flag} is not available"):
         Project(p, process=False).create()
-
 
 def test_unsloth_falls_back_with_the_seed_warning(tiny_model_dir, tmp_path, caplog):
     p = base_params(tiny_model_dir, write_alpaca(tmp_path / "t.jsonl"), tmp_path / "u", peft=True, epochs=1,

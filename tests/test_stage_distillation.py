@@ -2,7 +2,6 @@
 formula (checked against torch ops written out here), masked positions do not count, the teacher
 window is respected, a teacher with another vocabulary is refused clearly, and full / freeze / LoRA
 students move towards the teacher through the Python API, the CLI and the web UI's runner."""
-import json
 import shutil
 import subprocess
 import time
@@ -18,16 +17,7 @@ from core import LLMTrainingParams, Project
 from core.errors import ConfigError
 from core.events import read_log, read_status
 from core.stages import STAGES, common, distillation
-
-QA = [("What is the capital of France?", "Paris."), ("What is two plus two?", "Four."),
-      ("Say hello in Portuguese.", "Olá!"), ("What colour is the sky?", "Blue."),
-      ("Name a fruit.", "Apple."), ("What is the opposite of hot?", "Cold.")]
-
-
-def write_alpaca(path: Path) -> Path:
-    path.write_text("".join(json.dumps({"instruction": q, "input": "", "output": a}) + "\n" for q, a in QA),
-                    encoding="utf-8")
-    return path
+from conftest import write_alpaca
 
 
 def build_llama(out_dir: Path, tokenizer, vocab_size: int, seed: int = 2) -> Path:
@@ -61,7 +51,6 @@ def teacher_dir(tmp_path_factory, data) -> Path:
     assert Project(p, process=False).create() == 0
     return root / "sft"
 
-
 def dparams(student, teacher, data, out, **kw) -> LLMTrainingParams:
     base = dict(model=str(student), teacher_model=str(teacher), use_distillation=True, data_path=str(data),
                 project_name=str(out), chat_template="chatml", epochs=8, batch_size=3, gradient_accumulation=1,
@@ -70,16 +59,13 @@ def dparams(student, teacher, data, out, **kw) -> LLMTrainingParams:
     base.update(kw)
     return LLMTrainingParams(**base)
 
-
 def first_batch(trainer, n: int = 3) -> dict:
     """Rows of different lengths, padded by the stage's collator (so padding is in the batch)."""
     return trainer.data_collator([trainer.train_dataset[i] for i in range(n)])
 
-
 def logits_of(model, batch) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-
 
 def by_hand(student_logits, teacher_logits, labels, T, alpha, window=None):
     """The formula written out: alpha*T^2*KL(p_teacher^T || p_student^T) + (1-alpha)*CE, averaged per
@@ -95,7 +81,6 @@ def by_hand(student_logits, teacher_logits, labels, T, alpha, window=None):
     kl_per_pos = F.kl_div(F.log_softmax(s / T, dim=-1), F.softmax(t / T, dim=-1), reduction="none").sum(-1)
     kd = T * T * kl_per_pos[kd_mask].sum() / n
     return alpha * kd + (1 - alpha) * ce, kd, ce
-
 
 def kl_to_teacher(student, teacher, batch) -> float:
     """Mean KL(teacher || student) at temperature 1 over the trained tokens of a batch."""
@@ -152,7 +137,6 @@ def test_loss_is_the_formula(alpha, tiny_model_dir, teacher_dir, data, tmp_path)
         half = trainer.compute_loss(trainer.model, batch, num_items_in_batch=2 * n)
     assert half.item() == pytest.approx(expected.item() / 2, abs=1e-5)
 
-
 def test_masked_positions_do_not_count(tiny_model_dir, teacher_dir, data, tmp_path, monkeypatch):
     p = dparams(tiny_model_dir, teacher_dir, data, tmp_path / "o")
     trainer, *_ = distillation.build_trainer(p, tmp_path / "o")
@@ -175,7 +159,6 @@ def test_masked_positions_do_not_count(tiny_model_dir, teacher_dir, data, tmp_pa
     # the control: the same change at trained positions does move the loss
     assert abs(loss_with(torch.where(masked[..., None], real, real + noise)) - base) > 1e-2
 
-
 def test_teacher_reads_only_its_window(tiny_model_dir, teacher_dir, data, tmp_path, monkeypatch):
     p = dparams(tiny_model_dir, teacher_dir, data, tmp_path / "o")
     trainer, *_ = distillation.build_trainer(p, tmp_path / "o")
@@ -194,7 +177,6 @@ def test_teacher_reads_only_its_window(tiny_model_dir, teacher_dir, data, tmp_pa
     s, t = logits_of(trainer.model, batch), logits_of(trainer.teacher, batch)  # causal: same on the window
     expected, *_ = by_hand(s, t, batch["labels"], 3.0, 0.7, window=window)
     assert loss == pytest.approx(expected.item(), abs=1e-5)
-
 
 def test_teacher_with_another_vocabulary_is_refused(tiny_model_dir, data, tmp_path, monkeypatch):
     from transformers import AutoTokenizer
@@ -215,7 +197,6 @@ def test_teacher_with_another_vocabulary_is_refused(tiny_model_dir, data, tmp_pa
     assert Project(p, process=False).create() == 2
     status = read_status(tmp_path / "o")
     assert status["state"] == "failed" and "different vocabularies" in status["error"]
-
 
 def test_same_tokenizer_with_padded_embeddings_is_accepted(tiny_model_dir, tiny_tokenizer, data, tmp_path):
     padded = build_llama(tmp_path / "padded", tiny_tokenizer, vocab_size=len(tiny_tokenizer) + 15)
@@ -294,7 +275,6 @@ def test_student_moves_towards_the_teacher(method, alpha, tiny_model_dir, teache
     assert (out / "tokenizer_config.json").is_file() and (out / "README.md").is_file()
     assert "--trainer distillation" in (out / "README.md").read_text()
 
-
 def test_cli_distills_in_a_subprocess(tiny_model_dir, teacher_dir, data, tmp_path):
     out = tmp_path / "cli-run"
     cmd = [shutil.which("aitraining"), "llm", "--train", "--model", str(tiny_model_dir),
@@ -314,7 +294,6 @@ def test_cli_distills_in_a_subprocess(tiny_model_dir, teacher_dir, data, tmp_pat
     records, _ = read_log(out / "trainer_log.jsonl")
     assert any("kd_loss" in r and "kl" in r for r in records)
     assert "temperature 3.00, alpha 0.50" in (out / "running.log").read_text()
-
 
 def test_web_ui_runner_runs_distillation(tiny_model_dir, teacher_dir, data, tmp_path):
     from webui.runner import Runner

@@ -15,26 +15,23 @@ import torch
 from core import LLMTrainingParams, Project
 from core.errors import ConfigError
 from core.events import read_log, read_status
-from core.stages import STAGES, common, dpo, kto, orpo, simpo
+from core.stages import STAGES, dpo, kto, orpo, simpo
 from core.stages.preference import TruncatingCollator
 
 PROMPTS = ["Is the sky blue?", "Do you like tea?", "Can birds fly?", "Is water wet?", "Shall we go?",
            "Ready now?"]
 GOOD, BAD = "Yes, gladly.", "No way."
 
-
 def write_pairs(path: Path) -> Path:
     rows = [{"prompt": q, "chosen": GOOD, "rejected": BAD} for q in PROMPTS]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
-
 
 def write_kto(path: Path) -> Path:
     """Every prompt twice: once with the desirable answer, once with the undesirable one."""
     rows = [{"prompt": q, "completion": a, "label": a == GOOD} for q in PROMPTS for a in (GOOD, BAD)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
-
 
 def base_params(tiny_model_dir, data, out, trainer, **kw):
     defaults = dict(model=str(tiny_model_dir), data_path=str(data), project_name=str(out), trainer=trainer,
@@ -44,23 +41,6 @@ def base_params(tiny_model_dir, data, out, trainer, **kw):
                     logging_steps=1, log="none", eval_strategy="no", save_strategy="no")
     defaults.update(kw)
     return LLMTrainingParams(**defaults)
-
-
-@pytest.fixture
-def spy_model(monkeypatch):
-    """The model the stage trains, and a copy of its weights before training."""
-    seen = {}
-    real = common.load_trainable_model
-
-    def spy(*a, **kw):
-        model, dtype = real(*a, **kw)
-        seen["model"] = model
-        seen["before"] = {n: p.detach().clone() for n, p in model.named_parameters()}
-        return model, dtype
-
-    monkeypatch.setattr(common, "load_trainable_model", spy)
-    return seen
-
 
 def answer_logp(model, tok, prompt: str, answer: str) -> float:
     """log p(answer | prompt) under the chat template the run trained with, summed over the
@@ -75,7 +55,6 @@ def answer_logp(model, tok, prompt: str, answer: str) -> float:
         logps = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
     targets = ids[0, 1:]
     return logps[n - 1:].gather(-1, targets[n - 1:, None]).sum().item()
-
 
 def margin(model_dir, tok) -> float:
     """Mean over the training prompts of log p(GOOD) - log p(BAD)."""
@@ -138,7 +117,6 @@ def test_stage_trains_toward_the_preferred_answer(trainer, method, epochs, lr, t
     else:
         assert (out / "model.safetensors").is_file()
 
-
 def test_each_stage_hands_its_flags_to_the_trl_config(tiny_model_dir, tmp_path):
     data = write_pairs(tmp_path / "pairs.jsonl")
     kdata = write_kto(tmp_path / "kto.jsonl")
@@ -175,7 +153,6 @@ def test_each_stage_hands_its_flags_to_the_trl_config(tiny_model_dir, tmp_path):
     assert type(a).__name__ == "KTOConfig"
     assert (a.beta, a.desirable_weight, a.undesirable_weight) == (0.25, 1.5, 0.5)
 
-
 def test_unusable_combinations_are_refused_with_a_fix(tiny_model_dir, tmp_path):
     data = write_pairs(tmp_path / "pairs.jsonl")
     p = base_params(tiny_model_dir, data, tmp_path / "a", "dpo", peft=True, dpo_label_smoothing=0.5)
@@ -184,7 +161,6 @@ def test_unusable_combinations_are_refused_with_a_fix(tiny_model_dir, tmp_path):
     p = base_params(tiny_model_dir, write_kto(tmp_path / "k.jsonl"), tmp_path / "b", "kto", peft=True, batch_size=1)
     with pytest.raises(ConfigError, match="--batch-size 2"):
         kto.build_trainer(p, tmp_path / "b")
-
 
 def test_reference_model_per_method(tiny_model_dir, tmp_path, tmp_path_factory):
     from conftest import build_tiny_model
@@ -205,7 +181,6 @@ def test_reference_model_per_method(tiny_model_dir, tmp_path, tmp_path_factory):
     w = t.ref_model.get_input_embeddings().weight
     assert not w.requires_grad
     assert not torch.equal(w, t.model.get_input_embeddings().weight)
-
 
 def test_prompt_and_answer_lengths_are_capped(tiny_model_dir, tmp_path):
     # the DPO/KTO layout: prompt keeps its end, answers their start, all within the cutoff
@@ -231,7 +206,6 @@ def test_prompt_and_answer_lengths_are_capped(tiny_model_dir, tmp_path):
     assert batch["input_ids"].shape[1] <= 13
     assert (batch["completion_mask"].sum(1) == 5).all()  # every demo answer is longer than 5 tokens
 
-
 def test_plain_text_without_a_chat_template_ends_answers_with_eos(tiny_model_dir, tmp_path):
     data = write_pairs(tmp_path / "pairs.jsonl")
     p = base_params(tiny_model_dir, data, tmp_path / "o", "dpo", peft=True, chat_template="none")
@@ -240,7 +214,6 @@ def test_plain_text_without_a_chat_template_ends_answers_with_eos(tiny_model_dir
     assert template is None
     assert tok.decode(row["prompt_ids"]) == PROMPTS[0]
     assert row["chosen_ids"][-1] == tok.eos_token_id and tok.decode(row["chosen_ids"][:-1]) == GOOD
-
 
 def test_registered_demo_datasets_load_for_their_stages(tiny_model_dir, tmp_path):
     for trainer, name, stage in (("dpo", "demo_preference", dpo), ("orpo", "demo_preference", orpo),
@@ -255,7 +228,6 @@ def test_registered_demo_datasets_load_for_their_stages(tiny_model_dir, tmp_path
                 else "chosen_ids") in row
     for name in ("dpo", "orpo", "simpo", "kto"):
         assert name in STAGES
-
 
 def test_cli_dpo_in_a_subprocess(tiny_model_dir, tmp_path):
     """Seed 000's DPO example, with the tiny model."""
@@ -275,7 +247,6 @@ def test_cli_dpo_in_a_subprocess(tiny_model_dir, tmp_path):
 
     replay = config_io.loads((out / "config.yaml").read_text())
     assert (replay.trainer, replay.dpo_beta, replay.rejected_text_column) == ("dpo", 0.2, "rejected")
-
 
 def test_web_ui_runner_trains_simpo(tiny_model_dir, tmp_path):
     from webui.runner import Runner

@@ -14,16 +14,14 @@ from core import LLMTrainingParams, Project
 from core.data.tokenize import pack_dataset
 from core.errors import DataError
 from core.events import read_log, read_status
-from core.stages import STAGES, common, pt
+from core.stages import STAGES, pt
 
 DOCS = ["The river town woke slowly.", "Bees dance to show where flowers are.",
         "A lighthouse keeper kept a diary.", "Bread smells good in the morning."]
 
-
 def write_text(path: Path, docs=DOCS) -> Path:
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
     return path
-
 
 def base_params(tiny_model_dir, data, out, **kw):
     defaults = dict(model=str(tiny_model_dir), data_path=str(data), project_name=str(out), trainer="pt",
@@ -32,25 +30,8 @@ def base_params(tiny_model_dir, data, out, **kw):
     defaults.update(kw)
     return LLMTrainingParams(**defaults)
 
-
-@pytest.fixture
-def spy_model(monkeypatch):
-    seen = {}
-    real = common.load_trainable_model
-
-    def spy(*a, **kw):
-        model, dtype = real(*a, **kw)
-        seen["model"] = model
-        seen["before"] = {n: p.detach().clone() for n, p in model.named_parameters()}
-        return model, dtype
-
-    monkeypatch.setattr(common, "load_trainable_model", spy)
-    return seen
-
-
 def test_pt_is_a_registered_stage():
     assert STAGES["pt"].data_kind == "text"
-
 
 def test_packing_makes_exact_blocks_with_eos_between_documents(tiny_tokenizer):
     docs = pt.tokenize_documents(tiny_tokenizer, [{"text": d} for d in DOCS] + [{"text": "  "}])
@@ -82,7 +63,6 @@ def test_packing_makes_exact_blocks_with_eos_between_documents(tiny_tokenizer):
     # --no-add-eos-token: documents run into each other
     plain = pt.tokenize_documents(tiny_tokenizer, [{"text": d} for d in DOCS], add_eos_token=False)
     assert eos not in [t for row in plain["input_ids"] for t in row]
-
 
 def test_flags_reach_the_trainer(tiny_model_dir, tmp_path):
     data = write_text(tmp_path / "train.jsonl", DOCS * 3)
@@ -124,7 +104,6 @@ def test_pt_loss_falls(method, tiny_model_dir, tmp_path, spy_model):
     weights = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
     assert (out / weights).is_file() and (out / "tokenizer_config.json").is_file()
 
-
 def test_cli_trains_demo_pretrain(tiny_model_dir, tmp_path):
     out = tmp_path / "cli-pt"
     cmd = [shutil.which("aitraining"), "llm", "--train", "--trainer", "pt", "--model", str(tiny_model_dir),
@@ -136,7 +115,6 @@ def test_cli_trains_demo_pretrain(tiny_model_dir, tmp_path):
     assert (out / "adapter_model.safetensors").is_file() and (out / "merged" / "config.json").is_file()
     running = (out / "running.log").read_text()
     assert "blocks of 64 tokens" in running  # the 30 demo documents, packed
-
 
 def test_web_ui_runner_runs_pt(tiny_model_dir, tmp_path):
     from webui.runner import Runner

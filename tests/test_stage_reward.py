@@ -16,23 +16,20 @@ import torch
 from core import LLMTrainingParams, Project
 from core.errors import ConfigError, DataError
 from core.events import read_log, read_status
-from core.stages import STAGES, common, reward
+from core.stages import STAGES, reward
 from core.stages.reward import load_reward_model, reward_scores
 
 TOPICS = ["the beach", "the park", "the hills", "the lake", "the city", "the farm", "the forest", "the coast",
           "the market", "the garden", "the harbour", "the valley", "the island", "the bridge", "the square",
           "the desert", "the meadow", "the river", "the campus", "the village"]
 
-
 def pairs(topics=TOPICS):
     return [{"prompt": f"What is the weather at {t}?", "chosen": f"It is sunny at {t}.",
              "rejected": f"It is rainy at {t}."} for t in topics]
 
-
 def write_pairs(path: Path, rows=None) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in (rows or pairs())), encoding="utf-8")
     return path
-
 
 def base_params(tiny_model_dir, data, out, **kw):
     defaults = dict(model=str(tiny_model_dir), data_path=str(data), project_name=str(out), trainer="reward",
@@ -41,29 +38,11 @@ def base_params(tiny_model_dir, data, out, **kw):
     defaults.update(kw)
     return LLMTrainingParams(**defaults)
 
-
-@pytest.fixture
-def spy_model(monkeypatch):
-    seen = {}
-    real = common.load_trainable_model
-
-    def spy(*a, **kw):
-        model, dtype = real(*a, **kw)
-        seen["model"] = model
-        seen["before"] = {n: p.detach().clone() for n, p in model.named_parameters()}
-        return model, dtype
-
-    monkeypatch.setattr(common, "load_trainable_model", spy)
-    return seen
-
-
 def conv(row, answer):
     return [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row[answer]}]
 
-
 def test_reward_is_a_registered_stage():
     assert STAGES["reward"].data_kind == "preference"
-
 
 def test_lora_reward_model_separates_and_reloads(tiny_model_dir, tmp_path):
     data = write_pairs(tmp_path / "train.jsonl")
@@ -134,7 +113,6 @@ def test_score_head_trains_with_every_method(method, tiny_model_dir, tmp_path, s
     model, _ = load_reward_model(out)
     assert torch.equal(model.score.weight, spy_model["model"].score.weight)
 
-
 def test_flags_reach_the_reward_config(tiny_model_dir, tmp_path):
     from trl import RewardConfig
 
@@ -168,11 +146,9 @@ def test_flags_reach_the_reward_config(tiny_model_dir, tmp_path):
     with pytest.raises(DataError, match="every pair is longer than"):
         reward.build_trainer(p.model_copy(update={"block_size": lengths[0] - 1}), tmp_path / "rm")
 
-
 def test_not_a_reward_model_is_refused(tiny_model_dir):
     with pytest.raises(ConfigError, match="not a reward model"):
         load_reward_model(tiny_model_dir)  # a causal LM: its score head would be random
-
 
 def test_cli_trains_demo_preference(tiny_model_dir, tmp_path):
     out = tmp_path / "cli-rm"
@@ -185,7 +161,6 @@ def test_cli_trains_demo_preference(tiny_model_dir, tmp_path):
     assert read_status(out)["state"] == "finished"
     assert (out / "model.safetensors").is_file() and (out / "adapter" / "adapter_model.safetensors").is_file()
     assert not (out / "merged").exists()
-
 
 def test_web_ui_runner_runs_reward(tiny_model_dir, tmp_path):
     from webui.runner import Runner

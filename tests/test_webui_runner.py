@@ -19,15 +19,7 @@ from core.params import LLMTrainingParams
 from webui.runner import (CONSOLE_FILE, BusyError, Monitor, Runner, describe, last_checkpoint, list_runs,
                           pid_alive, read_config, run_summary, tail)
 
-QA = [("What is the capital of France?", "Paris."), ("What is two plus two?", "Four."),
-      ("Say hello in Portuguese.", "Olá!"), ("What colour is the sky?", "Blue."),
-      ("Name a fruit.", "Apple."), ("What is the opposite of hot?", "Cold.")]
-
-
-def write_alpaca(path: Path) -> Path:
-    path.write_text("".join(json.dumps({"instruction": q, "input": "", "output": a}) + "\n" for q, a in QA),
-                    encoding="utf-8")
-    return path
+from conftest import write_alpaca
 
 
 def params(tiny_model_dir, data, out, **kw) -> LLMTrainingParams:
@@ -38,7 +30,6 @@ def params(tiny_model_dir, data, out, **kw) -> LLMTrainingParams:
     base.update(kw)
     return LLMTrainingParams(**base)
 
-
 def wait_for(cond, timeout: float, what: str, interval: float = 0.1):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -47,7 +38,6 @@ def wait_for(cond, timeout: float, what: str, interval: float = 0.1):
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
 
 def group_members(pgid: int) -> list[int]:
     """Live (non-zombie) processes of a process group."""
@@ -60,7 +50,6 @@ def group_members(pgid: int) -> list[int]:
             continue
     return out
 
-
 def console(run_dir: Path) -> str:
     return tail(run_dir / CONSOLE_FILE, 4000)
 
@@ -69,7 +58,6 @@ def console(run_dir: Path) -> str:
 
 def rec(step: int, **kw) -> str:
     return json.dumps({"step": step, "loss": 1.0 / step, "note": "olá 你好", **kw}, ensure_ascii=False) + "\n"
-
 
 def test_monitor_reads_only_new_complete_records(tmp_path):
     run = tmp_path / "run"
@@ -108,7 +96,6 @@ def test_monitor_reads_only_new_complete_records(tmp_path):
     mon.follow(None)
     assert mon.poll() == [] and mon.records == []
 
-
 def test_monitor_byte_by_byte_writer_sees_every_record_once(tmp_path):
     lines = "".join(rec(i) for i in range(1, 8)).encode()
     (tmp_path / LOG_FILE).write_bytes(b"")
@@ -121,7 +108,6 @@ def test_monitor_byte_by_byte_writer_sees_every_record_once(tmp_path):
             seen += mon.poll()
     assert [r["step"] for r in seen] == list(range(1, 8))
     assert mon.records == seen
-
 
 def test_monitor_starts_over_when_a_fresh_run_replaces_the_log(tmp_path):
     log = tmp_path / LOG_FILE
@@ -162,7 +148,6 @@ def test_tail_reads_the_end_of_a_big_file_only(tmp_path):
     assert tail(small) == "one\ntwo\n"
     assert tail(tmp_path / "missing.log") == ""
 
-
 def test_pid_alive_sees_dead_and_zombie_processes():
     assert not pid_alive(None) and not pid_alive(0)
     assert pid_alive(os.getpid())
@@ -173,7 +158,6 @@ def test_pid_alive_sees_dead_and_zombie_processes():
     wait_for(lambda: psutil.Process(zombie.pid).status() == psutil.STATUS_ZOMBIE, 30, "the child to exit")
     assert not pid_alive(zombie.pid)  # exited but not reaped: not alive
     zombie.wait()
-
 
 def test_a_running_status_with_a_dead_pid_is_listed_as_failed(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -187,7 +171,6 @@ def test_a_running_status_with_a_dead_pid_is_listed_as_failed(tmp_path):
     assert Runner(tmp_path).active() is None  # nothing to re-attach to
     assert describe(None) == {}
     assert describe(run)["state"] == "failed" and describe(run)["checkpoint"] == ""
-
 
 def test_start_refuses_bad_data_before_spawning(tiny_model_dir, tmp_path):
     runner = Runner(tmp_path / "runs")
@@ -258,7 +241,6 @@ def test_start_runs_a_real_process_one_at_a_time_and_a_restarted_ui_reattaches(t
     runner2 = restarted.start(params(tiny_model_dir, data, root / "second", max_steps=1))
     wait_for(lambda: restarted.active() is None, 180, "the second run to end")
     assert read_status(runner2)["state"] == "finished", console(runner2)
-
 
 def test_abort_stops_the_whole_group_with_a_checkpoint(tiny_model_dir, tmp_path):
     root = tmp_path / "runs"

@@ -35,7 +35,7 @@ class Project:
         from core.stages import STAGES
         p = self.params
         # Options whose machinery has not landed yet are refused, never silently ignored.
-        pending = {"--quantization (QLoRA)": p.quantization, "--distributed-backend deepspeed":
+        pending = {"--distributed-backend deepspeed":
                    p.distributed_backend == "deepspeed", "--use-sweep": p.use_sweep,
                    "--use-enhanced-eval": p.use_enhanced_eval, "--push-to-hub": p.push_to_hub}
         for flag, asked in pending.items():

@@ -72,6 +72,8 @@ def load_trainable_model(params: LLMTrainingParams, path, model_class=None):
     if not checkpointing and not params.disable_gradient_checkpointing:
         log.info("gradient checkpointing off on CPU (it would recompute activations for no memory need)")
     extra = {"config": rope_scaled_config(params, path)} if params.rope_scaling else {}
+    if params.quantization:
+        extra["quantization_config"] = quantization_config(params.quantization, dtype)
     model = load_model(path, dtype=dtype,
                        attn_implementation=pick_attention(params.attn_implementation, params.use_flash_attention_2),
                        trust_remote_code=params.trust_remote_code, gradient_checkpointing=checkpointing,
@@ -86,6 +88,24 @@ def load_trainable_model(params: LLMTrainingParams, path, model_class=None):
     log.info("method %s: %s of %s parameters trainable (%.2f%%)", params.finetuning_type,
              f"{trainable:,}", f"{total:,}", 100.0 * trainable / max(total, 1))
     return model, dtype
+
+
+def quantization_config(kind: str, dtype):
+    """The BitsAndBytesConfig for --quantization (QLoRA): int4 is NF4 with double quantization and
+    the run dtype as compute dtype; int8 is LLM.int8(). bitsandbytes is imported only here."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"--quantization {kind} needs bitsandbytes, which is not installed. Fix: "
+                          "pip install bitsandbytes (or pip install -e \".[bitsandbytes]\"), or drop --quantization")
+    from transformers import BitsAndBytesConfig
+
+    if kind == "int4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=dtype)
+    if kind == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ConfigError(f"--quantization {kind!r}: expected int4 or int8")
 
 
 def rope_scaled_config(params: LLMTrainingParams, path):

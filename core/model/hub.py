@@ -56,9 +56,8 @@ def push_folder(folder, repo_id: str, *, token: str | None = None, private: bool
                 card: str | None = None, commit_message: str = "Upload from aitraining",
                 ignore_patterns: list[str] | None = None) -> str:
     """create_repo (private, exist_ok) + upload_folder; returns the repo URL."""
-    import huggingface_hub
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -69,13 +68,16 @@ def push_folder(folder, repo_id: str, *, token: str | None = None, private: bool
                           "(create one at https://huggingface.co/settings/tokens with write access)")
     if card is not None and not (folder / "README.md").exists():
         (folder / "README.md").write_text(card, encoding="utf-8")
-    endpoint = os.environ.get("HF_ENDPOINT") or huggingface_hub.constants.ENDPOINT
+    endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
     api = HfApi(endpoint=endpoint, token=token)
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
                           commit_message=commit_message,
                           ignore_patterns=ignore_patterns or ["checkpoint-*", "*.tmp", ".*"])
+    except OfflineModeIsEnabled:
+        raise ConfigError("push to hub: HF_HUB_OFFLINE is set, so huggingface_hub makes no network calls. "
+                          "Fix: unset HF_HUB_OFFLINE to push (or push later)") from None
     except HfHubHTTPError as e:
         status = getattr(getattr(e, "response", None), "status_code", None)
         hint = (" Fix: check --token (it needs write access) and --username" if status in (401, 403)
@@ -87,7 +89,7 @@ def push_folder(folder, repo_id: str, *, token: str | None = None, private: bool
                                  "Fix: check the network (or HF_ENDPOINT), or export locally with "
                                  "`aitraining export` and push later", token)) from None
     except Exception as e:  # httpx transport errors are not OSErrors
-        if type(e).__module__.split(".")[0] in ("httpx", "httpcore", "requests", "urllib3"):
+        if type(e).__module__.split(".")[0].rstrip("0123456789") in ("httpx", "httpcore", "requests", "urllib3"):
             raise ConfigError(_scrub(f"the hub at {endpoint} is unreachable ({type(e).__name__}: {e}). "
                                      "Fix: check the network (or HF_ENDPOINT), or export locally with "
                                      "`aitraining export` and push later", token)) from None

@@ -29,6 +29,7 @@ log = logging.getLogger("aitraining.api")
 def create_app(engine, model_name: str, api_key: Optional[str] = None):
     """The FastAPI app answering with `engine` (a loaded ChatEngine) under the id `model_name`."""
     from fastapi import FastAPI, Request
+    from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import JSONResponse, StreamingResponse
 
     app = FastAPI(title="aitraining OpenAI-compatible API", docs_url=None, redoc_url=None)
@@ -68,7 +69,8 @@ def create_app(engine, model_name: str, api_key: Optional[str] = None):
         if req.pop("stream"):
             return StreamingResponse(_sse(engine, req, cid, now, model_name), media_type="text/event-stream")
         try:
-            text = engine.reply(req.pop("messages"), **req)
+            # generation blocks: run it off the event loop so /v1/models and auth stay responsive
+            text = await run_in_threadpool(engine.reply, req.pop("messages"), **req)
         except UserError as e:
             return error(400, str(e))
         except RuntimeError as e:

@@ -198,3 +198,15 @@ def test_training_run_pushes_to_hub_and_the_token_stays_secret(fake_hub, tiny_mo
     leaks = [p for p in run.rglob("*") if p.is_file() and secret in p.read_bytes()]
     assert leaks == [] and TOKEN not in proc.stdout + proc.stderr
     assert (run / "running.log").stat().st_size > 0
+
+
+def test_push_without_a_token_is_refused_before_training(tiny_model_dir, tmp_path, monkeypatch):
+    from core import LLMTrainingParams, Project
+    from core.errors import ConfigError
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    p = LLMTrainingParams(model=str(tiny_model_dir), data_path=str(write_alpaca(tmp_path / "t.jsonl")),
+                          project_name=str(tmp_path / "run"), push_to_hub=True, username="ada", log="none")
+    with pytest.raises(ConfigError, match="needs a token"):
+        Project(p, process=False).create()
+    assert not (tmp_path / "run" / "status.json").exists()  # nothing ran

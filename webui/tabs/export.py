@@ -49,11 +49,6 @@ def export_in_worker(job: dict, timeout: float = 3600) -> dict:
     return value
 
 
-def merge_in_worker(adapter: str, out: str, shard: str, timeout: float = 3600) -> str:
-    """The merge alone (kept for callers of the first Export tab)."""
-    return export_in_worker(dict(source=adapter, out_dir=out, max_shard_size=shard), timeout)["model"]
-
-
 def build(ui) -> None:
     from core.model.gguf_export import OUTTYPES
 

@@ -492,4 +492,5 @@ def _generate(conn, state: dict, rid: int, req: dict, pending: list) -> None:
         reason = "length"
     seconds = time.monotonic() - started
     conn.send(("done", rid, dict(text=clean_reply(full, stop_words), reason=reason, new_tokens=len(new),
+                                 prompt_tokens=len(ids),
                                  seconds=round(seconds, 3), tokens_per_s=round(len(new) / max(seconds, 1e-9), 1))))

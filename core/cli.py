@@ -4,6 +4,8 @@
     aitraining llm --trainer dpo --help        # the groups that trainer uses
     aitraining --config run.yaml               # replay a run file (seed 004 shape)
     aitraining llm --train --config run.yaml --lr 1e-4   # a run file plus overrides
+    aitraining export --model RUN_DIR --output DIR [--gguf f16] [--push-to-hub ...]
+    aitraining api --model RUN_DIR [--api-key KEY] [--port 8000]   # OpenAI-compatible server
 
 User errors print one paragraph and exit 2; no traceback.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import typing
 from typing import Any, Optional, Sequence
@@ -169,18 +172,96 @@ def cmd_llm(argv: Sequence[str]) -> int:
     return project.create()
 
 
+def export_parser() -> argparse.ArgumentParser:
+    from core.model.gguf_export import OUTTYPES
+
+    p = argparse.ArgumentParser(
+        prog="aitraining export", allow_abbrev=False,
+        description="Merge a LoRA adapter into its base (or re-save a model) as safetensors shards; "
+                    "optionally quantize (bitsandbytes), write GGUF + an Ollama Modelfile, push to the hub.")
+    p.add_argument("--model", help="A model directory / hub id, or a LoRA run / adapter directory "
+                   "(merged into its base)")
+    p.add_argument("--adapter", help="A LoRA adapter or run directory to merge into --model (default base: "
+                   "the adapter's own)")
+    p.add_argument("--output", "-o", help="Output directory (default: <model or adapter>/exported)")
+    p.add_argument("--max-shard-size", default="2GB", help="Largest safetensors shard, e.g. 500MB, 2GB "
+                   "(default: 2GB)")
+    p.add_argument("--device", default="cpu", help="Where to merge: cpu (default), cuda, cuda:1, auto")
+    p.add_argument("--quantization", choices=["int8", "int4"], help="Save int8 / int4 (NF4) weights through "
+                   "bitsandbytes")
+    p.add_argument("--gguf", metavar="TYPES", help=f"Also write GGUF files, comma-separated types from "
+                   f"{', '.join(OUTTYPES)} (llama, qwen2, gemma families), plus an Ollama Modelfile")
+    p.add_argument("--chat-template", help="Template for the Modelfile (default: the tokenizer's own)")
+    p.add_argument("--push-to-hub", action="store_true", help="Upload the output directory to the private "
+                   "repo {username}/{output name} with a model card")
+    p.add_argument("--username", help="Hugging Face username (for --push-to-hub)")
+    p.add_argument("--token", help="Hugging Face token (default: $HF_TOKEN); never written or logged")
+    p.add_argument("--trust-remote-code", action="store_true", help="Allow the model repository's own code")
+    return p
+
+
+def cmd_export(argv: Sequence[str]) -> int:
+    from pathlib import Path
+
+    from core.errors import ConfigError
+
+    ns = export_parser().parse_args(argv)
+    if not (ns.model or ns.adapter):
+        raise ConfigError("aitraining export needs --model (a model or run directory) or --adapter")
+    if ns.push_to_hub and not ns.username:
+        raise ConfigError("--push-to-hub needs --username (the repo is {username}/{output name})")
+    if ns.push_to_hub and not (ns.token or os.environ.get("HF_TOKEN")):
+        raise ConfigError("--push-to-hub needs --token or HF_TOKEN (a write token)")
+    gguf = [t.strip() for t in (ns.gguf or "").split(",") if t.strip()]
+    from core.model.gguf_export import OUTTYPES
+
+    bad = [t for t in gguf if t not in OUTTYPES]
+    if bad:
+        raise ConfigError(f"--gguf {','.join(bad)}: unknown output type; choose from {', '.join(OUTTYPES)}")
+    out = Path(ns.output or Path(ns.adapter or ns.model) / "exported")
+    device = ns.device
+    if device == "auto":
+        from core.model.loader import pick_device
+
+        device = pick_device()
+    from core.model.export import export_model
+
+    written = export_model(ns.model, out, adapter=ns.adapter, max_shard_size=ns.max_shard_size, device=device,
+                           quantization=ns.quantization, gguf=gguf, chat_template=ns.chat_template,
+                           trust_remote_code=ns.trust_remote_code)
+    print(f"exported model: {written['model']}")
+    for g in written["gguf"]:
+        print(f"gguf: {g}")
+    if written["modelfile"]:
+        print(f"ollama Modelfile: {written['modelfile']} (ollama create NAME -f {written['modelfile']})")
+    if ns.push_to_hub:
+        from core.model import hub
+
+        repo_id = hub.repo_id_for(ns.username, str(out.resolve()))
+        card = hub.model_card(repo_id, base_model=ns.model, chat_template=ns.chat_template)
+        print(f"pushed: {hub.push_folder(out, repo_id, token=ns.token, private=True, card=card)}")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     top = argparse.ArgumentParser(
         prog="aitraining", description="LLM fine-tuning studio: CLI over the training core.",
-        epilog="Commands: llm (train; see `aitraining llm --help`), webui (the web UI). "
+        epilog="Commands: llm (train; see `aitraining llm --help`), webui (the web UI), export (merge, "
+               "shard, quantize, GGUF, push), api (OpenAI-compatible server). "
                "`aitraining --config run.yaml` trains from a run file.")
     top.add_argument("--config", help="Train from a run YAML (task/base_model/data/params/hub)")
-    top.add_argument("command", nargs="?", choices=["llm", "webui"])
+    top.add_argument("command", nargs="?", choices=["llm", "webui", "export", "api"])
     top.add_argument("rest", nargs=argparse.REMAINDER)
     try:
         if argv and argv[0] == "llm":
             return cmd_llm(argv[1:])
+        if argv and argv[0] == "export":
+            return cmd_export(argv[1:])
+        if argv and argv[0] == "api":
+            from core.serve import main as api_main
+
+            return api_main(argv[1:])
         if argv and argv[0] == "webui":
             from webui.app import main as webui_main  # noqa: WPS433 (optional, later issue)
 

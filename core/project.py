@@ -8,6 +8,7 @@ default, as the CLI and the web UI do) or in this process (process=False). Retur
 """
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -37,11 +38,14 @@ class Project:
         # Options whose machinery has not landed yet are refused, never silently ignored.
         pending = {"--distributed-backend deepspeed":
                    p.distributed_backend == "deepspeed", "--use-sweep": p.use_sweep,
-                   "--use-enhanced-eval": p.use_enhanced_eval, "--push-to-hub": p.push_to_hub}
+                   "--use-enhanced-eval": p.use_enhanced_eval}
         for flag, asked in pending.items():
             if asked:
                 raise ConfigError(f"{flag} is not available in this version yet; drop it (the run itself "
                                   "does not need it)")
+        if p.push_to_hub and p.token is None and not os.environ.get("HF_TOKEN"):
+            raise ConfigError("--push-to-hub needs a token: pass --token or set HF_TOKEN (a write token "
+                              "from https://huggingface.co/settings/tokens)")
         # Read and validate the data now: a malformed record is reported in seconds, with its
         # file and record number, instead of after the model has loaded in the child process.
         from core.stages.common import load_records

@@ -86,6 +86,34 @@ def train(params: LLMTrainingParams, run_dir: str | os.PathLike) -> int:
     clean = {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float, str))}
     write_status(run_dir, state, finished=time.time(), metrics=clean)
     log.info("run %s: %s", state, run_dir)
+    if state == "finished" and params.push_to_hub:
+        return push_run(params, run_dir)
+    return 0
+
+
+# What a pushed run leaves out: checkpoints (optimizer state), the process log and status.
+PUSH_IGNORE = ["checkpoint-*", "running.log", "status.json", "*.tmp", ".*"]
+
+
+def push_run(params: LLMTrainingParams, run_dir: Path) -> int:
+    """Upload the finished run (adapter, merged model, tokenizer, config.yaml, curves) to the private
+    repo {username}/{project-name}, with a model card. Returns 0, or 2 when the push failed (the
+    trained model stays in the run directory; status.json says why)."""
+    from core.model import hub
+
+    repo_id = hub.repo_id_for(params.username, params.project_name)
+    token = params.token.get_secret_value() if params.token is not None else None
+    card = hub.model_card(repo_id, base_model=params.model, trainer=params.trainer,
+                          method=params.finetuning_type, chat_template=params.chat_template)
+    try:
+        url = hub.push_folder(run_dir, repo_id, token=token, private=True, card=card,
+                              ignore_patterns=PUSH_IGNORE)
+    except UserError as e:
+        log.error("%s", e)  # push_folder has already scrubbed the token from the message
+        write_status(run_dir, "finished", push_error=str(e))
+        return e.exit_code
+    write_status(run_dir, "finished", pushed_to=url)
+    log.info("pushed to %s", url)
     return 0
 
 

@@ -266,3 +266,25 @@ def test_malformed_dataset_shows_numbered_errors(server, browser, tmp_path):
     ui.pg.get_by_role("option", name="Português (Brasil)", exact=True).click()
     ui.pg.wait_for_function("document.querySelector('#field-model').innerText.includes('Modelo')")
     ui.shot("portuguese")
+
+
+@pytest.mark.slow
+def test_export_tab_writes_shards_gguf_and_modelfile(server, browser, tmp_path):
+    ui = Page(browser, server["url"], tmp_path / "screens")
+    ui.type_choice("model", server["model"])
+    ui.pg.get_by_role("tab", name="Export").click()
+    out = tmp_path / "exported"
+    ui.pg.locator("#export-dir textarea, #export-dir input").first.fill(str(out))
+    shard = ui.pg.locator("#export-shard input").first
+    shard.fill("100KB")
+    shard.press("Enter")
+    ui.pg.locator("#export-gguf").get_by_role("checkbox", name="f16", exact=True).check()
+    ui.shot("export-form")
+    ui.pg.locator("#btn-export").click()
+    ui.pg.wait_for_selector("#export-done, #export-result .error-box", timeout=180_000)
+    ui.shot("export-done")
+    text = ui.pg.locator("#export-result").inner_text()
+    assert str(out) in text and "Modelfile" in text, text
+    assert len(list(out.glob("model-*.safetensors"))) >= 2  # ~200 KB of weights in 100 KB shards
+    gguf = list(out.glob("*-f16.gguf"))
+    assert len(gguf) == 1 and (out / "Modelfile").read_text().startswith(f"FROM ./{gguf[0].name}")

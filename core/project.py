@@ -42,6 +42,7 @@ class Project:
             if asked:
                 raise ConfigError(f"{flag} is not available in this version yet; drop it (the run itself "
                                   "does not need it)")
+        check_models(p)
         # Read and validate the data now: a malformed record is reported in seconds, with its
         # file and record number, instead of after the model has loaded in the child process.
         from core.stages.common import load_records
@@ -66,3 +67,57 @@ class Project:
                 # Ctrl+C reached the child too: it saves a checkpoint and exits; wait for it
                 # instead of killing it mid-save (a second Ctrl+C during the wait does the same).
                 print("Interrupted: the run is saving a checkpoint before it stops...", flush=True)
+
+
+def _resolve(flag: str, model_id: str):
+    """resolve_model without converting packaged models; errors name the flag."""
+    from core.errors import UserError
+    from core.model.loader import resolve_model
+
+    try:
+        return resolve_model(model_id, materialize=False)
+    except UserError as e:
+        if flag == "--model":
+            raise
+        raise type(e)(f"{flag} {model_id}: {e}") from None
+
+
+def check_models(p: LLMTrainingParams) -> None:
+    """The models a run names exist and fit together, before any weights load (seconds, not minutes):
+    each path resolves to a model directory with a readable config.json; the tokenizer loads and the
+    chat template resolves (e.g. --chat-template tokenizer on a tokenizer without one); a
+    distillation teacher shares the student's vocabulary."""
+    from pathlib import Path as _P
+
+    from core.model.loader import adapter_base, check_model_dir, is_adapter_dir, load_tokenizer
+    from core.templates import resolve_chat_template
+
+    def local_tokenizer(flag, model_id):
+        src = _resolve(flag, model_id)
+        if not isinstance(src, _P):
+            return None, None  # a hub id or a packaged model: checked when it is fetched / converted
+        if is_adapter_dir(src):
+            if any((src / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+                return src, load_tokenizer(src, trust_remote_code=p.trust_remote_code)
+            return local_tokenizer(f"{flag} (the base of the adapter)", adapter_base(src))
+        cfg = check_model_dir(src, flag)
+        return cfg, load_tokenizer(src, trust_remote_code=p.trust_remote_code)
+
+    cfg, tokenizer = local_tokenizer("--model", p.model)
+    if tokenizer is not None and p.stage != "pt":
+        model_type = cfg.get("model_type") if isinstance(cfg, dict) else None
+        resolve_chat_template(p.chat_template, tokenizer, model_type)
+    for flag, value in (("--model-ref", p.model_ref), ("--rl-reward-model-path", p.rl_reward_model_path)):
+        if value:
+            src = _resolve(flag, value)
+            if isinstance(src, _P) and not is_adapter_dir(src):
+                check_model_dir(src, flag)
+    if p.adapter_path and not is_adapter_dir(p.adapter_path) and not _P(p.adapter_path).is_dir():
+        raise ConfigError(f"--adapter-path {p.adapter_path} does not exist. Fix: point it at a LoRA run "
+                          "directory (the one holding adapter_config.json and adapter_model.safetensors)")
+    if p.stage == "distillation" and p.teacher_model:
+        _, teacher_tok = local_tokenizer("--teacher-model", p.teacher_model)
+        if tokenizer is not None and teacher_tok is not None:
+            from core.stages.distillation import check_same_tokenizer
+
+            check_same_tokenizer(tokenizer, teacher_tok, p.model, p.teacher_model)

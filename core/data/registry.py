@@ -119,7 +119,8 @@ def _validate(path, name, raw) -> DatasetEntry:
     try:
         return DatasetEntry.model_validate(raw)
     except ValidationError as e:
-        err = e.errors()[0]
+        # an unknown key explains a missing one (hf_hub_url instead of file_name): report it first
+        err = sorted(e.errors(), key=lambda x: x["type"] != "extra_forbidden")[0]
         loc = ".".join(str(x) for x in err["loc"])
         fix = None
         if err["type"] == "extra_forbidden":

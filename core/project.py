@@ -107,11 +107,14 @@ def check_models(p: LLMTrainingParams) -> None:
     if tokenizer is not None and p.stage != "pt":
         model_type = cfg.get("model_type") if isinstance(cfg, dict) else None
         resolve_chat_template(p.chat_template, tokenizer, model_type)
-    for flag, value in (("--model-ref", p.model_ref), ("--rl-reward-model-path", p.rl_reward_model_path)):
-        if value:
-            src = _resolve(flag, value)
-            if isinstance(src, _P) and not is_adapter_dir(src):
-                check_model_dir(src, flag)
+    if p.model_ref:
+        src = _resolve("--model-ref", p.model_ref)
+        if isinstance(src, _P) and not is_adapter_dir(src):
+            check_model_dir(src, "--model-ref")
+    if p.stage == "ppo":
+        from core.stages.ppo import check_reward_source
+
+        check_reward_source(p)
     if p.adapter_path and not is_adapter_dir(p.adapter_path) and not _P(p.adapter_path).is_dir():
         raise ConfigError(f"--adapter-path {p.adapter_path} does not exist. Fix: point it at a LoRA run "
                           "directory (the one holding adapter_config.json and adapter_model.safetensors)")

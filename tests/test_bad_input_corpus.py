@@ -38,7 +38,7 @@ CATEGORIES = {  # the issue's list: at least one case each
 def report(tmp_path_factory, tiny_model_dir):
     env = harness.Env(tmp_path_factory.mktemp("corpus"), tiny_model_dir)
     rep = harness.run_corpus(env, SUBPROCESS_CASES)
-    print("\nbad-input corpus:", json.dumps(harness.counts(rep)))
+    print("\nbad-input corpus:", json.dumps(harness.counts(rep)), "seconds:", rep["seconds"])
     return rep
 
 

@@ -131,7 +131,7 @@ def _csv(path: Path, text: str):
         raise DataError(str(path), f"malformed CSV: {e}", expected="the same number of fields "
                         "on every line; quote fields holding commas") from None
     if df.empty:
-        raise DataError(str(path), "the file has a header but no rows")
+        raise DataError(str(path), "the file has a header but no rows", fix="add one row per record under the header")
     for i, row in enumerate(df.itertuples(index=False), 1):
         if sum(len(v) for v in row) > MAX_RECORD_BYTES:
             raise DataError(str(path), f"the record is over the {MAX_RECORD_BYTES // 2**20} MiB limit for "
@@ -148,7 +148,8 @@ def _parquet(path: Path):
     try:
         rows = pq.read_table(path).to_pylist()
     except (pa.ArrowException, OSError) as e:
-        raise DataError(str(path), f"cannot read parquet: {e}") from None
+        raise DataError(str(path), f"cannot read parquet: {e}",
+                        fix="export the file again (pandas: df.to_parquet(path)), or save it as .jsonl") from None
     if not rows:
         raise DataError(str(path), "the file has no rows")
     return list(enumerate(rows, 1))
@@ -419,3 +420,15 @@ def load_data(data_path, *, kind="sft", split="train", valid_split=None, val_siz
         train = fill_placeholders(train, placeholders)
         evals = fill_placeholders(evals, placeholders) if evals is not None else None
     return train, evals
+
+
+def load_for_params(params, kind: str):
+    """load_data with a run's parameters (LLMTrainingParams): (train records, eval records or None)."""
+    return load_data(
+        params.data_path, kind=kind, split=params.train_split, valid_split=params.valid_split,
+        val_size=params.val_size, max_samples=params.max_samples, text_column=params.text_column,
+        prompt_text_column=params.prompt_text_column, rejected_text_column=params.rejected_text_column,
+        column_mapping=params.column_mapping, auto_convert=params.auto_convert_dataset,
+        data_dir=Path(params.dataset_dir) if params.dataset_dir else DATA_DIR, seed=params.seed,
+        placeholders={"name": params.identity_name, "author": params.identity_author},
+    )

@@ -129,6 +129,10 @@ def _validate(path, name, raw) -> DatasetEntry:
             if len(err["loc"]) == 2:
                 model = Columns if err["loc"][0] == "columns" else Tags
                 fix = "allowed keys: " + ", ".join(model.model_fields)
+        if err["type"] == "missing":
+            fix = f'add "{loc}" to the entry, e.g. "file_name": "my_data.jsonl" (a file in the data directory)'
+        elif err["type"] == "literal_error":
+            fix = f"use one of the allowed values for {loc}"
         raise _info_error(path, err["msg"], name, loc or None, fix=fix) from None
 
 

@@ -279,6 +279,9 @@ def run_ui_case(ui: UIHarness, prep: Prepared, env: Env) -> tuple[list[str], boo
 # ------------------------------------------------------------------------------ the whole corpus
 
 def run_corpus(env: Env, subprocess_names: list[str] = (), ui: bool = True) -> dict:
+    import time
+
+    t0 = time.perf_counter()
     cases = load_cases()
     preps = [prepare(c, env) for c in cases if not c.get("skip")]
     report = {"cases": len(cases), "skipped": [c["name"] for c in cases if c.get("skip")], "cli": {}, "ui": {},
@@ -288,6 +291,8 @@ def run_corpus(env: Env, subprocess_names: list[str] = (), ui: bool = True) -> d
         report["cli"][prep.case["name"]] = {"rc": rc, "problems": judge(prep.case["expect"], rc, output,
                                                                        prep.out.exists()),
                                             "message": error_paragraph(output), "traceback": "Traceback (" in output}
+    report["seconds"] = {"cli": round(time.perf_counter() - t0, 1)}
+    t0 = time.perf_counter()
     if subprocess_names:
         chosen = [p for p in preps if p.case["name"] in subprocess_names]
         for name, (rc, output) in cli_subprocesses(chosen).items():
@@ -295,6 +300,8 @@ def run_corpus(env: Env, subprocess_names: list[str] = (), ui: bool = True) -> d
             report["subprocess"][name] = {"rc": rc, "problems": judge(prep.case["expect"], rc, output,
                                                                       prep.out.exists()),
                                           "traceback": "Traceback (" in output}
+    report["seconds"]["subprocess"] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
     if ui:
         harness = UIHarness(env)
         for prep in preps:
@@ -309,6 +316,7 @@ def run_corpus(env: Env, subprocess_names: list[str] = (), ui: bool = True) -> d
         values.update(model=str(env.model), data_path=[str(env.good)], project_name=str(env.root / "fine"))
         command, _, message = harness.call("btn-preview-cmd", "click", *[values[n] for n in form.form_fields()])
         report["ui_alive_after"] = isinstance(command, str) and command.startswith("aitraining llm") and not message
+    report["seconds"]["ui"] = round(time.perf_counter() - t0, 1)
     return report
 
 

@@ -61,7 +61,9 @@ def png(path: Path) -> None:
 
 
 def jpeg(path: Path) -> None:
-    path.write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00" + b"\x00" * 64 + b"\xff\xd9")
+    """A JPEG header (SOI + JFIF APP0) and end marker."""
+    header = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
+    path.write_bytes(header + b"\x00" * 64 + b"\xff\xd9")
 
 
 GENERATORS = {f.__name__: f for f in (latin1, huge_record, parquet_int_output, parquet_image_bytes,

@@ -269,7 +269,8 @@ def run_ui_case(ui: UIHarness, prep: Prepared, env: Env) -> tuple[list[str], boo
         if prep.out.exists():
             problems.append("the UI started a run")
             _stop(ui.app.ui.runner)
-        if case.get("preview", True) and "--data-path" in prep.argv and "{good}" not in json.dumps(case.get("args", [])):
+        data_case = "--data-path" in prep.argv and "{good}" not in json.dumps(case.get("args", []))
+        if data_case and case.get("preview", True):
             problems += [f"preview: {p}" for p in judge_ui(case.get("preview_expect", expect), ui.preview(values))]
         return problems, False
     except Exception:  # noqa: BLE001 - a handler that raises is a UI crash

@@ -73,9 +73,25 @@ def _json_dict(text: str) -> dict:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a hint for flag names other trainers use (--learning-rate -> --lr)."""
+
+    def error(self, message: str):
+        from core.config_io import OTHER_NAMES
+
+        for name, ours in OTHER_NAMES.items():
+            if f"--{name.replace('_', '-')}" in message.split(": ", 1)[-1].split():
+                message += f" (did you mean --{ours.replace('_', '-')}?)"
+                break
+        else:
+            if message.startswith("unrecognized arguments"):
+                message += " (`aitraining llm --help` lists the flags)"
+        super().error(message)
+
+
 def llm_parser(trainer: Optional[str] = None) -> argparse.ArgumentParser:
     """The `aitraining llm` parser; with a trainer, --help shows only the groups it uses."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="aitraining llm", usage="aitraining llm --train [--trainer T] [options]", allow_abbrev=False,
         description="Train a language model."
         + (f" Parameters for --trainer {trainer}." if trainer else ""))

@@ -118,13 +118,25 @@ def format_validation_error(e: ValidationError, source: str) -> str:
     for err in e.errors():
         loc = ".".join(str(x) for x in err["loc"])
         if err["type"] == "extra_forbidden":
-            lines.append(f"unknown parameter '{loc}'{_suggest(loc, fields)}")
+            hint = (f" (did you mean '{OTHER_NAMES[loc]}'?)" if loc in OTHER_NAMES else _suggest(loc, fields)
+                    or "; `aitraining llm --help` lists the parameters")
+            lines.append(f"unknown parameter '{loc}'{hint}")
         elif not loc:
             lines.append(str(err["msg"]).removeprefix("Value error, "))
         else:
             flag = "--" + loc.replace("_", "-")
-            lines.append(f"{loc} ({flag}) = {err.get('input')!r}: {err['msg']}")
+            field = LLMTrainingParams.model_fields.get(loc)
+            default = f" (default: {field.default})" if field is not None and field.default is not None else ""
+            lines.append(f"{loc} ({flag}) = {err.get('input')!r}: {err['msg']}{default}")
     return f"{source}: " + "; ".join(lines)
+
+
+# Names other trainers use (transformers TrainingArguments, LLaMA-Factory) -> ours, for hints.
+OTHER_NAMES = {"learning_rate": "lr", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
+               "gradient_accumulation_steps": "gradient_accumulation", "lr_scheduler_type": "scheduler",
+               "model_name_or_path": "model", "dataset": "data_path", "output_dir": "project_name",
+               "cutoff": "block_size", "max_seq_length": "block_size", "template": "chat_template",
+               "lora_rank": "lora_r", "lora_target": "target_modules", "stage": "trainer"}
 
 
 def _suggest(word: str, choices) -> str:
@@ -149,7 +161,8 @@ def load(path: str | os.PathLike) -> LLMTrainingParams:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
+        raise ConfigError(f"{path}: no such config file. Fix: check the path (a run directory's config.yaml "
+                          "replays that run)") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text; save the YAML as UTF-8") from None
     return loads(text, str(path))

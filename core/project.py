@@ -8,6 +8,7 @@ default, as the CLI and the web UI do) or in this process (process=False). Retur
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -46,11 +47,14 @@ class Project:
         if p.push_to_hub and p.token is None and not os.environ.get("HF_TOKEN"):
             raise ConfigError("--push-to-hub needs a token: pass --token or set HF_TOKEN (a write token "
                               "from https://huggingface.co/settings/tokens)")
-        # Read and validate the data now: a malformed record is reported in seconds, with its
-        # file and record number, instead of after the model has loaded in the child process.
-        from core.stages.common import load_records
+        # Cheapest first: model paths and their config.json (no torch), then the data (a malformed
+        # record is reported in seconds, with its file and record number, instead of after the model
+        # has loaded in the child process), then tokenizers and the chat template (transformers).
+        check_model_paths(p)
+        from core.data.loader import load_for_params
 
-        load_records(self.params, kind=STAGES[self.params.stage].data_kind)
+        load_for_params(p, kind=STAGES[p.stage].data_kind)
+        check_tokenizers(p)
 
     def write_config(self) -> Path:
         self.check()
@@ -70,3 +74,73 @@ class Project:
                 # Ctrl+C reached the child too: it saves a checkpoint and exits; wait for it
                 # instead of killing it mid-save (a second Ctrl+C during the wait does the same).
                 print("Interrupted: the run is saving a checkpoint before it stops...", flush=True)
+
+
+def _resolve(flag: str, model_id: str):
+    """resolve_model without converting packaged models; errors name the flag."""
+    from core.errors import UserError
+    from core.model.loader import resolve_model
+
+    try:
+        return resolve_model(model_id, materialize=False)
+    except UserError as e:
+        if flag == "--model":
+            raise
+        raise type(e)(f"{flag} {model_id}: {e}") from None
+
+
+def check_model_paths(p: LLMTrainingParams) -> None:
+    """Every model a run names resolves to a directory with a readable config.json (or an adapter,
+    a hub id, a packaged model); imports neither torch nor transformers."""
+    from pathlib import Path as _P
+
+    from core.model.loader import adapter_base, check_model_dir, is_adapter_dir
+
+    def check(flag, model_id):
+        src = _resolve(flag, model_id)
+        if isinstance(src, _P):
+            if is_adapter_dir(src):
+                check(f"{flag} (the base of the adapter {src})", adapter_base(src))
+            else:
+                check_model_dir(src, flag)
+
+    for flag, value in (("--model", p.model), ("--model-ref", p.model_ref),
+                        ("--teacher-model", p.teacher_model if p.stage == "distillation" else None)):
+        if value:
+            check(flag, value)
+    if p.adapter_path and not is_adapter_dir(p.adapter_path) and not _P(p.adapter_path).is_dir():
+        raise ConfigError(f"--adapter-path {p.adapter_path} does not exist. Fix: point it at a LoRA run "
+                          "directory (the one holding adapter_config.json and adapter_model.safetensors)")
+    if p.stage == "ppo":
+        from core.stages.ppo import check_reward_source
+
+        check_reward_source(p)
+
+
+def check_tokenizers(p: LLMTrainingParams) -> None:
+    """For local models: the tokenizer loads, the chat template resolves (e.g. --chat-template
+    tokenizer on a tokenizer without one), a distillation teacher shares the student's vocabulary."""
+    from pathlib import Path as _P
+
+    from core.model.loader import adapter_base, is_adapter_dir, load_tokenizer
+    from core.templates import resolve_chat_template
+
+    def local_tokenizer(model_id):
+        src = _resolve("--model", model_id)
+        if not isinstance(src, _P):
+            return None, None  # a hub id or a packaged model: checked when it is fetched / converted
+        if is_adapter_dir(src) and not any((src / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            return local_tokenizer(adapter_base(src))
+        cfg = _P(src) / "config.json"
+        model_type = json.loads(cfg.read_text(encoding="utf-8")).get("model_type") if cfg.is_file() else None
+        return model_type, load_tokenizer(src, trust_remote_code=p.trust_remote_code)
+
+    model_type, tokenizer = local_tokenizer(p.model)
+    if tokenizer is not None and p.stage != "pt":
+        resolve_chat_template(p.chat_template, tokenizer, model_type)
+    if p.stage == "distillation" and p.teacher_model and tokenizer is not None:
+        _, teacher_tok = local_tokenizer(p.teacher_model)
+        if teacher_tok is not None:
+            from core.stages.distillation import check_same_tokenizer
+
+            check_same_tokenizer(tokenizer, teacher_tok, p.model, p.teacher_model)

@@ -193,10 +193,10 @@ def test_teacher_with_another_vocabulary_is_refused(tiny_model_dir, data, tmp_pa
     assert str(tiny_model_dir) in msg and str(other) in msg
     assert "tokenizer" in msg and "589" in msg and "592" in msg and "Fix:" in msg and "<tool_a>" in msg
     assert not loaded, "refused before the student was loaded"
-    # through the run process: a failed run with the message, exit code 2
-    assert Project(p, process=False).create() == 2
-    status = read_status(tmp_path / "o")
-    assert status["state"] == "failed" and "different vocabularies" in status["error"]
+    # through the project: the pre-flight check refuses it before a run directory (or a process) exists
+    with pytest.raises(ConfigError, match="different vocabularies"):
+        Project(p, process=False).create()
+    assert not (tmp_path / "o").exists()
 
 def test_same_tokenizer_with_padded_embeddings_is_accepted(tiny_model_dir, tiny_tokenizer, data, tmp_path):
     padded = build_llama(tmp_path / "padded", tiny_tokenizer, vocab_size=len(tiny_tokenizer) + 15)

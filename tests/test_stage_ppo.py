@@ -204,9 +204,10 @@ def test_missing_reward_model_path_is_a_clear_error(tiny_model_dir, data, tmp_pa
     msg = str(err.value)
     assert "--rl-reward-model-path" in msg and "no-rm" in msg and "--trainer reward" in msg
     assert not loaded, "refused before the policy was loaded"
-    assert Project(p, process=False).create() == 2  # a failed run with the message, exit code 2
-    status = read_status(tmp_path / "o")
-    assert status["state"] == "failed" and "no such directory" in status["error"]
+    # the pre-flight check refuses it before a run directory (or a process) exists
+    with pytest.raises(ConfigError, match="no such directory"):
+        Project(p, process=False).create()
+    assert not (tmp_path / "o").exists()
     # the schema wants some reward source
     with pytest.raises(ValueError, match="--rl-reward-model-path"):
         LLMTrainingParams(trainer="ppo")

@@ -288,3 +288,43 @@ def test_export_tab_writes_shards_gguf_and_modelfile(server, browser, tmp_path):
     assert len(list(out.glob("model-*.safetensors"))) >= 2  # ~200 KB of weights in 100 KB shards
     gguf = list(out.glob("*-f16.gguf"))
     assert len(gguf) == 1 and (out / "Modelfile").read_text().startswith(f"FROM ./{gguf[0].name}")
+
+
+def test_bad_input_on_start_is_a_red_message_and_the_page_keeps_working(server, browser, tmp_path):
+    """Two inputs from the bad-input corpus (tests/corpus) in a real browser: a dataset with a
+    Latin-1 line and a model directory without config.json. Each gives the red message naming the
+    file and the fix, starts nothing, and the page goes on working."""
+    import urllib.request
+
+    from corpus.generate import latin1
+
+    bad = tmp_path / "latin1.jsonl"
+    latin1(bad)
+    runs_before = sorted(server["runs"].glob("*/config.yaml"))
+    ui = Page(browser, server["url"], tmp_path / "screens")
+    ui.type_choice("model", server["model"])
+    ui.type_choice("data_path", str(bad))
+    ui.pg.locator("#btn-start").click()
+    ui.pg.wait_for_selector("#train-message .error-box")
+    ui.shot("bad-data-start")
+    text = ui.pg.locator("#train-message").inner_text()
+    assert "latin1.jsonl, record 3" in text and "not valid UTF-8" in text and "Fix: save the file as UTF-8" in text
+    assert "Traceback" not in text
+    # the dataset preview says the same, in red
+    ui.pg.locator("#preview-acc").click()
+    ui.pg.locator("#btn-preview").click()
+    ui.pg.wait_for_selector("#preview-html .error-box")
+    assert "record 3" in ui.pg.locator("#preview-html").inner_text()
+    # a model directory without config.json: refused on Start too, before any run starts
+    (tmp_path / "not-a-model").mkdir()
+    ui.type_choice("model", str(tmp_path / "not-a-model"))
+    ui.pg.locator("#btn-start").click()
+    ui.pg.wait_for_function("document.querySelector('#train-message').innerText.includes('config.json')")
+    ui.shot("bad-model-start")
+    assert "not-a-model" in ui.pg.locator("#train-message").inner_text()
+    assert sorted(server["runs"].glob("*/config.yaml")) == runs_before, "a run was started"
+    # the page and the server keep working: the command preview answers, a new page loads
+    ui.pg.locator("#btn-preview-cmd").click()
+    ui.pg.wait_for_function("document.querySelector('#command').innerText.includes('not-a-model')")
+    assert urllib.request.urlopen(server["url"], timeout=10).status == 200
+    Page(browser, server["url"], tmp_path / "screens2").pg.close()

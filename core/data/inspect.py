@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from core import DATA_DIR
 from core.data import formats
 from core.data.loader import (
-    EXTS, _entry_files, _file_spec, _resolve, fill_placeholders, kind_for_trainer, read_rows,
+    EXTS, _entry_files, _file_spec, _mixed_formats, _resolve, fill_placeholders, kind_for_trainer, read_rows,
 )
 from core.data.registry import (
     INFO_FILE, DatasetEntry, dataset_kind, entry_path, load_dataset_info, save_dataset_info,
@@ -46,7 +46,7 @@ def error_dict(e: DataError) -> dict:
 
 # --------------------------------------------------------------------------- shared helpers
 
-def _spec(rows, file, kind, formatting, columns, tags) -> dict:
+def _spec(rows, file, kind, formatting, columns, tags, flags=None) -> dict:
     """How to convert the rows of one file: the given formatting, else the loader's rules.
 
     The loader decides from the first row; when that row is too broken to tell the format,
@@ -57,7 +57,7 @@ def _spec(rows, file, kind, formatting, columns, tags) -> dict:
     first = None
     for n, row in rows:
         try:
-            spec = _file_spec(row, n, str(file), kind, _FLAGS, dict(columns or {}), False)
+            spec = _file_spec(row, n, str(file), kind, flags or _FLAGS, dict(columns or {}), False)
         except DataError as e:
             first = first or e
             continue
@@ -203,7 +203,8 @@ def _tokenize(record, tokenizer, template, opts) -> dict:
 
 def preview(data_path_or_name, *, data_dir=DATA_DIR, kind="sft", page=0, page_size=5,
             tokenizer=None, chat_template=None, cutoff_len=1024, train_on_prompt=False,
-            mask_history=False, placeholders=None, model_type=None) -> dict:
+            mask_history=False, placeholders=None, model_type=None, text_column="text",
+            prompt_text_column=None, rejected_text_column=None, column_mapping=None) -> dict:
     """One page of a dataset (a file, folder or registered name) as training will see it.
 
     Returns {"total", "page", "pages", "page_size", "kind", "records": [...]} where each record
@@ -213,9 +214,15 @@ def preview(data_path_or_name, *, data_dir=DATA_DIR, kind="sft", page=0, page_si
     preference data the same under "rejected"). chat_template is resolved like
     --chat-template (None = auto: the tokenizer's own, else model_type's default, else
     chatml). kind None takes a registered dataset's own kind.
-    File-level problems raise DataError; bad records show inline.
+    File-level problems raise DataError; bad records show inline. The column flags and
+    column_mapping read files the way training does (--text-column, ...).
     """
     data_dir = Path(data_dir)
+    flags = {"text_column": text_column or "text", "prompt_text_column": prompt_text_column,
+             "rejected_text_column": rejected_text_column}
+    mapping = {}
+    for key, value in (column_mapping or {}).items():
+        (flags if key in flags else mapping)[key] = value
     kind = kind_for_trainer(kind) if kind else None
     cache = {}
 
@@ -233,7 +240,7 @@ def preview(data_path_or_name, *, data_dir=DATA_DIR, kind="sft", page=0, page_si
             k, spec = kind or "sft", None
         for file in src.files:
             file_rows = read_rows(file)
-            file_spec = spec or _spec(file_rows, file, k, None, None, None)
+            file_spec = spec or _spec(file_rows, file, k, None, mapping, None, flags)
             rows += [(file, n, row, k, file_spec) for n, row in file_rows]
 
     page_size = max(1, int(page_size))
@@ -249,6 +256,9 @@ def preview(data_path_or_name, *, data_dir=DATA_DIR, kind="sft", page=0, page_si
     for index in range(page * page_size, min(len(rows), (page + 1) * page_size)):
         file, n, row, k, spec = rows[index]
         data, err = _convert(file, n, row, k, spec)
+        if err is not None:  # a record in another format than its file's first: say so
+            first = next(r for r in rows if r[0] == file)
+            err = _mixed_formats(err, [(first[1], first[2]), (n, row)], file)
         if data is not None and placeholders:
             data = fill_placeholders(data, placeholders)
         item = {"index": index, "file": str(file), "record": n, "raw": row, "data": data,

@@ -24,6 +24,13 @@ from core.errors import ConfigError, DataError
 
 EXTS = (".jsonl", ".json", ".csv", ".parquet")
 KINDS = formats.KINDS
+# One record larger than this is a mistake (a whole file pasted into one field, a missing
+# newline), not a training example: 16 MiB is ~4M tokens, far past any context window.
+MAX_RECORD_BYTES = 16 * 1024 * 1024
+# Files that are not text, by their first bytes: named in the error instead of "not UTF-8".
+MAGIC = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+         (b"RIFF", "a RIFF (WebP/WAV) file"), (b"%PDF", "a PDF document"), (b"PK\x03\x04", "a ZIP archive"),
+         (b"\x1f\x8b", "a gzip archive"), (b"PAR1", "a parquet file"), (b"BM", "a bitmap image"))
 # Trainer (or LLaMA-Factory stage) -> the kind of records it consumes.
 KIND_BY_TRAINER = {
     "pt": "text", "sft": "sft", "default": "sft", "generic": "sft", "distillation": "sft",
@@ -41,6 +48,12 @@ def kind_for_trainer(trainer: str) -> str:
 
 def _decode(path: Path) -> str:
     data = path.read_bytes()
+    for magic, what in MAGIC:
+        if data.startswith(magic) and (magic != b"BM" or b"\0" in data[:64]):
+            hint = ("rename it to .parquet" if magic == b"PAR1" else
+                    "training data here is text: give a .jsonl/.json/.csv/.parquet file of text records "
+                    "(images are not supported)")
+            raise DataError(str(path), f"this is {what}, not {path.suffix or 'text'} text", fix=hint)
     if data.startswith(codecs.BOM_UTF8):
         data = data[len(codecs.BOM_UTF8):]
     try:
@@ -67,6 +80,11 @@ def _jsonl(path: Path, text: str):
     for n, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 may sit in strings
         if not line.strip():
             continue
+        if len(line) > MAX_RECORD_BYTES:
+            raise DataError(str(path), f"the record is {len(line) / 2**20:.0f} MiB long, over the "
+                            f"{MAX_RECORD_BYTES // 2**20} MiB limit for one record", record=n,
+                            fix="split the text into several records (one per line), or check for a "
+                                "missing line break that merged many records into one")
         try:
             value = json.loads(line)
         except json.JSONDecodeError as e:
@@ -113,7 +131,12 @@ def _csv(path: Path, text: str):
         raise DataError(str(path), f"malformed CSV: {e}", expected="the same number of fields "
                         "on every line; quote fields holding commas") from None
     if df.empty:
-        raise DataError(str(path), "the file has a header but no rows")
+        raise DataError(str(path), "the file has a header but no rows", fix="add one row per record under the header")
+    for i, row in enumerate(df.itertuples(index=False), 1):
+        if sum(len(v) for v in row) > MAX_RECORD_BYTES:
+            raise DataError(str(path), f"the record is over the {MAX_RECORD_BYTES // 2**20} MiB limit for "
+                            "one record", record=i, fix="split the text into several rows, or check for "
+                            "an unclosed quote that merged many rows into one")
     return [(i + 1, {k: _maybe_json(v) for k, v in row.items()})
             for i, row in enumerate(df.to_dict("records"))]
 
@@ -125,7 +148,8 @@ def _parquet(path: Path):
     try:
         rows = pq.read_table(path).to_pylist()
     except (pa.ArrowException, OSError) as e:
-        raise DataError(str(path), f"cannot read parquet: {e}") from None
+        raise DataError(str(path), f"cannot read parquet: {e}",
+                        fix="export the file again (pandas: df.to_parquet(path)), or save it as .jsonl") from None
     if not rows:
         raise DataError(str(path), "the file has no rows")
     return list(enumerate(rows, 1))
@@ -278,10 +302,31 @@ def _load_source(src: _Source, kind, flags, mapping, auto_convert, max_samples, 
         if max_samples:
             rows = rows[:max(0, max_samples - len(records))]
         file_spec = spec or _file_spec(rows[0][1], rows[0][0], file, kind, flags, mapping, auto_convert)
-        records += formats.convert_rows(rows, kind=convert_kind, file=str(file), **file_spec)
+        try:
+            records += formats.convert_rows(rows, kind=convert_kind, file=str(file), **file_spec)
+        except DataError as e:
+            raise _mixed_formats(e, rows, file) from None
         if max_samples and len(records) >= max_samples:
             break
     return records
+
+
+def _mixed_formats(error: DataError, rows, file) -> DataError:
+    """A record that fails because it is in another format than the file's first record says so."""
+    bad = next((row for n, row in rows if n == error.record), None)
+    if bad is None or error.record == rows[0][0]:
+        return error
+    try:
+        first, this = formats.detect_format(rows[0][1]), formats.detect_format(bad)
+    except DataError:
+        return error
+    if first == this:
+        return error
+    return DataError(str(file), f"this record is in {this} format, but the file's first record "
+                     f"(record {rows[0][0]}) is in {first} format: one file must hold one format "
+                     f"({error})", record=error.record,
+                     fix=f"convert the {this} records to {first} (or the other way), or split them "
+                         "into separate files")
 
 
 _PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
@@ -375,3 +420,15 @@ def load_data(data_path, *, kind="sft", split="train", valid_split=None, val_siz
         train = fill_placeholders(train, placeholders)
         evals = fill_placeholders(evals, placeholders) if evals is not None else None
     return train, evals
+
+
+def load_for_params(params, kind: str):
+    """load_data with a run's parameters (LLMTrainingParams): (train records, eval records or None)."""
+    return load_data(
+        params.data_path, kind=kind, split=params.train_split, valid_split=params.valid_split,
+        val_size=params.val_size, max_samples=params.max_samples, text_column=params.text_column,
+        prompt_text_column=params.prompt_text_column, rejected_text_column=params.rejected_text_column,
+        column_mapping=params.column_mapping, auto_convert=params.auto_convert_dataset,
+        data_dir=Path(params.dataset_dir) if params.dataset_dir else DATA_DIR, seed=params.seed,
+        placeholders={"name": params.identity_name, "author": params.identity_author},
+    )

@@ -119,7 +119,8 @@ def _validate(path, name, raw) -> DatasetEntry:
     try:
         return DatasetEntry.model_validate(raw)
     except ValidationError as e:
-        err = e.errors()[0]
+        # an unknown key explains a missing one (hf_hub_url instead of file_name): report it first
+        err = sorted(e.errors(), key=lambda x: x["type"] != "extra_forbidden")[0]
         loc = ".".join(str(x) for x in err["loc"])
         fix = None
         if err["type"] == "extra_forbidden":
@@ -128,6 +129,10 @@ def _validate(path, name, raw) -> DatasetEntry:
             if len(err["loc"]) == 2:
                 model = Columns if err["loc"][0] == "columns" else Tags
                 fix = "allowed keys: " + ", ".join(model.model_fields)
+        if err["type"] == "missing":
+            fix = f'add "{loc}" to the entry, e.g. "file_name": "my_data.jsonl" (a file in the data directory)'
+        elif err["type"] == "literal_error":
+            fix = f"use one of the allowed values for {loc}"
         raise _info_error(path, err["msg"], name, loc or None, fix=fix) from None
 
 

@@ -49,10 +49,11 @@ def adapter_base(path) -> str:
     return base
 
 
-def resolve_model(model_id) -> Path | str:
+def resolve_model(model_id, *, materialize: bool = True) -> Path | str:
     """A local directory (Path) that from_pretrained can load, or a hub id (str) when online.
 
     A directory holding adapter_config.json (a PEFT adapter) is returned as is; see adapter_base.
+    materialize=False (the pre-flight check): a packaged model is not converted, its id is returned.
     """
     name = str(model_id).strip()
     if not name:
@@ -75,7 +76,7 @@ def resolve_model(model_id) -> Path | str:
         if found is not None:
             return found
     if entry and packaged.is_available(hub_id):
-        return packaged.materialize(hub_id)
+        return packaged.materialize(hub_id) if materialize else hub_id
     ids = ", ".join(packaged.packaged_ids())
     from huggingface_hub import constants
 
@@ -156,6 +157,21 @@ def _from_hub(hub_id: str) -> tuple[Path | str | None, str]:
         return Path(snapshot_download(hub_id)), "found"
     except Exception:
         return None, note
+
+
+def check_model_dir(path: Path, flag: str = "--model") -> dict:
+    """A local model directory's config.json, parsed; a ConfigError naming the file when it is not
+    a readable model config (the pre-flight check, before any weights load)."""
+    cfg_file = Path(path) / "config.json"
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{flag} {path}: {cfg_file} is not a readable JSON model config ({e}). Fix: restore "
+                          "the file from where the model came from (save_pretrained writes it)") from None
+    if not isinstance(cfg, dict) or not cfg.get("model_type"):
+        raise ConfigError(f"{flag} {path}: {cfg_file} has no 'model_type', so transformers cannot tell which "
+                          "architecture to build. Fix: use the config.json the model was saved with")
+    return cfg
 
 
 # ---------------------------------------------------------------------------- device, dtype, attention
@@ -262,7 +278,13 @@ def load_tokenizer(path, *, trust_remote_code: bool = False, padding_side: str =
     """AutoTokenizer with a pad token guaranteed (pad -> eos -> unk)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise ConfigError(f"The tokenizer in {path} could not be loaded ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:300] if str(e) else 'no details'}). Fix: make sure the "
+                          "directory holds tokenizer.json or tokenizer_config.json (save_pretrained writes "
+                          "them), or copy them from the base model") from None
     tok.padding_side = padding_side
     if tok.pad_token is None:
         if tok.eos_token is not None:

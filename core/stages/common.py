@@ -42,17 +42,9 @@ def load_tokenizer_and_template(params: LLMTrainingParams):
 
 
 def load_records(params: LLMTrainingParams, kind: str):
-    from core import DATA_DIR
-    from core.data.loader import load_data
+    from core.data.loader import load_for_params
 
-    return load_data(
-        params.data_path, kind=kind, split=params.train_split, valid_split=params.valid_split,
-        val_size=params.val_size, max_samples=params.max_samples, text_column=params.text_column,
-        prompt_text_column=params.prompt_text_column, rejected_text_column=params.rejected_text_column,
-        column_mapping=params.column_mapping, auto_convert=params.auto_convert_dataset,
-        data_dir=Path(params.dataset_dir) if params.dataset_dir else DATA_DIR, seed=params.seed,
-        placeholders={"name": params.identity_name, "author": params.identity_author},
-    )
+    return load_for_params(params, kind)
 
 
 def load_trainable_model(params: LLMTrainingParams, path, model_class=None):

@@ -193,7 +193,9 @@ def build(ui) -> None:
                           page_size=3, tokenizer=tok, chat_template=template, cutoff_len=p.block_size if
                           p.block_size > 0 else p.model_max_length, train_on_prompt=p.train_on_prompt,
                           mask_history=p.mask_history,
-                          placeholders={"name": p.identity_name, "author": p.identity_author})
+                          placeholders={"name": p.identity_name, "author": p.identity_author},
+                          text_column=p.text_column, prompt_text_column=p.prompt_text_column,
+                          rejected_text_column=p.rejected_text_column, column_mapping=p.column_mapping)
         except UserError as e:
             return error_html(str(e))
         blocks = [f"<p>{res['total']} records · {t('preview_page', ui.lang)} {res['page'] + 1}/{res['pages']}</p>"]

@@ -61,7 +61,10 @@ def last_complete(run_dir: str | os.PathLike) -> Optional[Path]:
 def remove(path: Path) -> None:
     """Delete a directory so that no kill leaves it half-deleted under its own name."""
     trash = path.with_name(f"{_TRASH}{path.name}-{os.getpid()}-{time.monotonic_ns()}")
-    os.replace(path, trash)
+    try:
+        os.replace(path, trash)
+    except FileNotFoundError:  # another process of the run removed it first
+        return
     shutil.rmtree(trash, ignore_errors=True)
 
 

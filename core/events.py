@@ -190,6 +190,19 @@ class RunLogCallback(TrainerCallback):
         if STOP.is_set():
             control.should_save = True
             control.should_training_stop = True
+        self._before_save(args, state, control)
+
+    def on_epoch_end(self, args, state, control, **kw):
+        self._before_save(args, state, control)
+
+    def _before_save(self, args, state, control):
+        """transformers saves into checkpoint-N in place: an old directory of that name (a fresh
+        run over an earlier one's checkpoints) would end up half old, half new if the save were
+        interrupted, yet look complete. Remove it first."""
+        if control.should_save and state.is_world_process_zero:
+            old = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if old.is_dir():
+                checkpoints.remove(old)
 
     def on_save(self, args, state, control, **kw):
         if not state.is_world_process_zero:

@@ -61,7 +61,8 @@ def train(params: LLMTrainingParams, run_dir: str | os.PathLike) -> int:
     if not config_path.exists():
         config_io.save(params, config_path)
     handlers = _setup_logging(run_dir)
-    checkpoints.clean(run_dir)  # partial checkpoints and temp files of a killed earlier process
+    if int(os.environ.get("RANK", "0")) == 0:  # one process of a distributed run tidies up
+        checkpoints.clean(run_dir)  # partial checkpoints and temp files of a killed earlier process
     STOP.clear()
     previous = {s: signal.signal(s, _on_stop_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     # step None until the trainer says where it starts (a resumed run: its checkpoint's step)

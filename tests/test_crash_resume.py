@@ -25,7 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from core import config_io
+from core import checkpoints, config_io
 from core.events import LOG_FILE, read_log, read_status
 from core.params import LLMTrainingParams
 
@@ -195,6 +195,40 @@ def assert_same_curve(got: dict[int, dict], ref: dict[int, dict]) -> None:
         assert r["lr"] == pytest.approx(ref[step]["lr"], rel=1e-6), (step, r, ref[step])
 
 
+# -- the pieces, on hand-made directories --------------------------------------------------------------
+
+def test_partial_checkpoints_and_leftovers_are_found_and_removed(tmp_path):
+    run = tmp_path / "run"
+    for step, state in ((2, '{"global_step": 2}'), (4, '{"global_step": 4}'), (6, '{"global_st'), (8, None)):
+        d = run / f"checkpoint-{step}"
+        d.mkdir(parents=True)
+        (d / "optimizer.pt").write_bytes(b"x")
+        if state is not None:
+            (d / "trainer_state.json").write_text(state)
+    (run / ".status.json.abc.tmp").write_text("{")
+    (run / ".trash-checkpoint-0-1-2").mkdir()
+    (run / "notes.txt").write_text("mine")
+    assert [p.name for p in checkpoints.complete(run)] == ["checkpoint-2", "checkpoint-4"]
+    assert checkpoints.last_complete(run).name == "checkpoint-4"
+    removed = checkpoints.clean(run)
+    assert sorted(removed) == [".status.json.abc.tmp", ".trash-checkpoint-0-1-2", "checkpoint-6", "checkpoint-8"]
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-2", "checkpoint-4", "notes.txt"]
+    checkpoints.remove(run / "checkpoint-2")
+    checkpoints.remove(run / "checkpoint-2")  # already gone: nothing to do
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-4", "notes.txt"]
+
+
+def test_repair_log_drops_a_torn_line_and_the_steps_after_the_checkpoint(tmp_path):
+    log = tmp_path / LOG_FILE
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in range(1, 6)]
+    log.write_text("\n".join(lines) + "\n" + '{"step": 6, "lo', encoding="utf-8")
+    assert checkpoints.repair_log(log, upto_step=4) == 2
+    assert log.read_text(encoding="utf-8") == "\n".join(lines[:4]) + "\n"
+    inode = log.stat().st_ino
+    assert checkpoints.repair_log(log, upto_step=4) == 0 and log.stat().st_ino == inode, "untouched if sound"
+    assert checkpoints.repair_log(tmp_path / "missing.jsonl") == 0
+
+
 # -- the kill chain --------------------------------------------------------------------------------
 
 def test_sigkill_at_random_moments_then_resume_auto_matches_an_uninterrupted_run(
@@ -240,12 +274,13 @@ def test_sigkill_at_random_moments_then_resume_auto_matches_an_uninterrupted_run
         partial = sorted(set(all_checkpoints(run_dir)) - {f"checkpoint-{s}" for s in after})
         if kind == "save":
             assert partial, f"trial {i}: killed mid-save but no partial checkpoint left"
-        if rng.random() < 0.4 and got:  # as if killed in the middle of appending a log line
+        torn = i % 3 == 1 and bool(got)
+        if torn:  # as if killed in the middle of appending a log line
             with open(run_dir / LOG_FILE, "a", encoding="utf-8") as f:
                 f.write('{"step": %d, "loss": 1.2' % (max(got) + 1))
         expected = after[-1] if after else None
         outcomes.append({"trial": i, "kind": kind, "resumed": said, "last_step_logged": max(got, default=0),
-                         "complete": after, "partial": partial})
+                         "complete": after, "partial": partial, "torn_log_line": torn})
 
     # the last resume: a plain `python -m core.run` to the end
     offset = log_size(run_dir)

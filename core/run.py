@@ -170,13 +170,17 @@ def memory_estimate(params: LLMTrainingParams) -> str:
 
 
 def oom_message(e: BaseException, params: LLMTrainingParams) -> str:
+    import torch
+
     first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
     fixes = [f"a smaller --batch-size (now {params.batch_size}; raise --gradient-accumulation to keep "
              "the effective batch)"]
     if params.block_size <= 0 or params.block_size > 512:
         fixes.append("a shorter --block-size")
-    if params.disable_gradient_checkpointing or not __import__("torch").cuda.is_available():
-        fixes.append("gradient checkpointing (on by default on GPUs; drop --disable-gradient-checkpointing)")
+    if not torch.cuda.is_available():
+        fixes.append("a GPU, where gradient checkpointing is on by default (this CPU run trains without it)")
+    elif params.disable_gradient_checkpointing:
+        fixes.append("gradient checkpointing: drop --disable-gradient-checkpointing")
     if not params.quantization:
         fixes.append("QLoRA: --peft --quantization int4")
     elif params.finetuning_type == "full":
@@ -227,8 +231,8 @@ def disk_full_message(e: BaseException, run_dir: Path) -> str:
     kept = (f"The last complete checkpoint, {last.name}, is intact; after freeing space, "
             f"--resume-from-checkpoint auto continues from it." if last else
             "No complete checkpoint was saved yet.")
-    return (f"disk full while writing to {run_dir} ({free}; {first}). The checkpoint being written was "
-            f"removed. {kept} Fix: free disk space, or raise the file size limit (ulimit -f), or point "
+    return (f"disk full while writing to {run_dir} ({free}; {first}). A partly written checkpoint "
+            f"was removed. {kept} Fix: free disk space, or raise the file size limit (ulimit -f), or point "
             "--project-name at a disk with room; --save-total-limit 1 keeps fewer checkpoints.")
 
 

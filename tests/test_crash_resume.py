@@ -343,9 +343,31 @@ def test_out_of_memory_is_reported_with_fixes_and_status_says_oom(forkserver, ti
     assert "Traceback" in (run_dir / "running.log").read_text(), "the details stay in running.log"
 
 
-def test_disk_full_while_saving_keeps_the_previous_checkpoint(forkserver, tiny_model_dir, tmp_path):
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real tmpfs to fill up (needs root or CAP_SYS_ADMIN, else the test is skipped)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode(errors='replace').strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def shrink(mnt: Path, room: int) -> None:
+    """Remount the tmpfs so that only `room` more bytes fit."""
+    st = os.statvfs(mnt)
+    used = (st.f_blocks - st.f_bfree) * st.f_frsize
+    subprocess.run(["mount", "-o", f"remount,size={(used + room) // 1024}k", str(mnt)], check=True)
+
+
+@pytest.mark.parametrize("limit", ["file-size-limit", "full-tmpfs"])
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(limit, forkserver, tiny_model_dir, tmp_path, request):
     data = write_alpaca(tmp_path / "train.jsonl")
-    run_dir = tmp_path / "full"
+    run_dir = (request.getfixturevalue("small_disk") if limit == "full-tmpfs" else tmp_path) / "full"
     cfg = make_config(tiny_model_dir, data, run_dir, max_steps=2)
     first = start(forkserver, cfg, tmp_path / "first.out")
     first.join(240)
@@ -358,7 +380,11 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(forkserver, tiny_m
     # fails exactly as on a full disk (EFBIG instead of ENOSPC)
     make_config(tiny_model_dir, data, run_dir, max_steps=4)
     out = tmp_path / "second.out"
-    proc = start(forkserver, cfg, out, fsize=optimizer_size // 2)
+    if limit == "full-tmpfs":  # room for the logs of two steps, not for a checkpoint: ENOSPC
+        shrink(run_dir.parent, 200_000)
+        proc = start(forkserver, cfg, out)
+    else:
+        proc = start(forkserver, cfg, out, fsize=optimizer_size // 2)
     proc.join(240)
     console = out.read_text(encoding="utf-8", errors="replace")
     assert proc.exitcode == 1, console[-3000:]
@@ -368,6 +394,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(forkserver, tiny_m
     for words in ("disk full", "checkpoint-2, is intact", "--resume-from-checkpoint auto", "free disk space"):
         assert words in message, (words, message)
     assert "Traceback" not in console and message in console, console[-3000:]
+    print(f"\n{limit}: {message}")
     assert all_checkpoints(run_dir) == ["checkpoint-2"], "the partial checkpoint-4 is removed"
     assert {f.name: f.read_bytes() for f in ckpt.iterdir()} == before, "checkpoint-2 untouched"
     assert complete_steps(run_dir) == [2]
@@ -376,6 +403,8 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(forkserver, tiny_m
     assert not [p.name for p in run_dir.iterdir() if p.name.startswith(".")], "no temp files left"
 
     # with room again, the run continues from checkpoint-2
+    if limit == "full-tmpfs":
+        shrink(run_dir.parent, 16 * 2**20)
     again = start(forkserver, cfg, tmp_path / "third.out")
     again.join(240)
     assert again.exitcode == 0, (tmp_path / "third.out").read_text()[-3000:]

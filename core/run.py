@@ -223,10 +223,15 @@ def disk_full_message(e: BaseException, run_dir: Path) -> str:
     import shutil
 
     last = checkpoints.last_complete(run_dir)
+    import resource
+
     try:
         free = f"{shutil.disk_usage(run_dir).free / 2**20:.1f} MiB free there now"
     except OSError:
         free = "free space unknown"
+    fsize = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if fsize != resource.RLIM_INFINITY:
+        free += f", files limited to {fsize} bytes (ulimit -f)"
     first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
     kept = (f"The last complete checkpoint, {last.name}, is intact; after freeing space, "
             f"--resume-from-checkpoint auto continues from it." if last else

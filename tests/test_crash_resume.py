@@ -155,8 +155,11 @@ def kill_at_step(run_dir: Path, proc, step: int, delay: float) -> None:
     proc.join()
 
 
-def kill_after(proc, delay: float) -> None:
-    proc.join(delay)
+def kill_during_startup(run_dir: Path, proc, delay: float) -> None:
+    """Kill `delay` seconds after core.run.train began (loading the model and data, resuming)."""
+    while proc.is_alive() and read_status(run_dir).get("pid") != proc.pid:
+        time.sleep(0.005)
+    time.sleep(delay)
     if proc.is_alive():
         os.kill(proc.pid, signal.SIGKILL)
     proc.join()
@@ -259,9 +262,9 @@ def test_sigkill_at_random_moments_then_resume_auto_matches_an_uninterrupted_run
             hit = kill_mid_save(run_dir, proc)
             assert hit, f"trial {i}: the run ended before a save could be caught\n{out.read_text()[-2000:]}"
         elif kind == "startup":
-            kill_after(proc, rng.uniform(0.2, 2.5))
-        else:
-            target = min((before[-1] if before else 0) + rng.randint(1, 5), STEPS - 1)
+            kill_during_startup(run_dir, proc, rng.uniform(0.0, 0.5))
+        else:  # stay well before the last step: a fast machine does a step in ~0.05 s
+            target = min((before[-1] if before else 0) + rng.randint(1, 5), STEPS - 6)
             kill_at_step(run_dir, proc, target, rng.uniform(0.0, 0.15))
         assert proc.exitcode == -signal.SIGKILL, (i, kind, proc.exitcode, out.read_text()[-3000:])
 

@@ -16,6 +16,8 @@ from typing import Any, Optional
 
 from transformers import TrainerCallback
 
+from core import checkpoints
+from core.checkpoints import repair_log
 from core.config_io import atomic_write
 
 LOG_FILE = "trainer_log.jsonl"
@@ -132,7 +134,11 @@ class RunLogCallback(TrainerCallback):
         self.start = self.last_time = time.time()
         self.last_tokens = state.num_input_tokens_seen or 0
         self.last_step = state.global_step
-        self.records, _ = read_log(self.run_dir / LOG_FILE)  # a resumed run keeps its curve
+        # a resumed run keeps its curve up to its checkpoint: a torn last line (a kill mid-write)
+        # and the steps after the checkpoint (trained again now) are dropped
+        if state.is_world_process_zero:
+            repair_log(self.run_dir / LOG_FILE, upto_step=state.global_step)
+        self.records, _ = read_log(self.run_dir / LOG_FILE)
         write_status(self.run_dir, "running", stage=self.stage, step=state.global_step,
                      total_steps=state.max_steps, pid=os.getpid())
 
@@ -184,6 +190,27 @@ class RunLogCallback(TrainerCallback):
         if STOP.is_set():
             control.should_save = True
             control.should_training_stop = True
+        self._before_save(args, state, control)
+
+    def on_epoch_end(self, args, state, control, **kw):
+        self._before_save(args, state, control)
+
+    def _before_save(self, args, state, control):
+        """transformers saves into checkpoint-N in place: an old directory of that name (a fresh
+        run over an earlier one's checkpoints) would end up half old, half new if the save were
+        interrupted, yet look complete. Remove it first."""
+        if control.should_save and state.is_world_process_zero:
+            old = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if old.is_dir():
+                checkpoints.remove(old)
 
     def on_save(self, args, state, control, **kw):
+        if not state.is_world_process_zero:
+            return
+        # Rotation happens here, after the new checkpoint is complete (transformers would rotate
+        # before its caller knows the save finished), and removes by rename-then-delete.
+        keep = getattr(args, "keep_checkpoints", None)
+        done = checkpoints.complete(args.output_dir)
+        for old in done[:-keep] if keep else []:
+            checkpoints.remove(old)
         write_status(self.run_dir, last_checkpoint=str(Path(args.output_dir) / f"checkpoint-{state.global_step}"))

@@ -12,6 +12,10 @@ from pathlib import Path
 
 from core.params import LLMTrainingParams
 
+# After a stop request (Ctrl+C, the web UI's abort) a run gets this long to save a checkpoint
+# and exit before it is killed. Env AITRAINING_STOP_GRACE_S overrides it.
+STOP_GRACE_S = float(os.environ.get("AITRAINING_STOP_GRACE_S", 60))
+
 
 def build_command(params: LLMTrainingParams, config_path: str | os.PathLike) -> list[str]:
     """argv that trains the run described by config_path."""

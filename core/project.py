@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 from core import config_io
 from core.errors import ConfigError
-from core.launch import build_command, build_env
+from core.launch import STOP_GRACE_S, build_command, build_env
 from core.params import LLMTrainingParams
 
 
@@ -67,13 +69,26 @@ class Project:
 
             return train(self.params, self.run_dir)
         child = subprocess.Popen(build_command(self.params, path), env=build_env(self.params))
+        deadline = None
         while True:
             try:
-                return child.wait()
+                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                return child.wait(timeout)
             except KeyboardInterrupt:
-                # Ctrl+C reached the child too: it saves a checkpoint and exits; wait for it
-                # instead of killing it mid-save (a second Ctrl+C during the wait does the same).
-                print("Interrupted: the run is saving a checkpoint before it stops...", flush=True)
+                # Ctrl+C reached the child too (the terminal signals the whole foreground group):
+                # it saves a checkpoint and exits. Wait for it rather than kill it mid-save; a
+                # second Ctrl+C makes it stop at once without a checkpoint.
+                if deadline is None:
+                    deadline = time.monotonic() + STOP_GRACE_S
+                print(f"Interrupted: the run is saving a checkpoint before it stops (at most "
+                      f"{STOP_GRACE_S:.0f} s)...", file=sys.stderr, flush=True)
+            except subprocess.TimeoutExpired:
+                child.kill()  # past the grace time: stop it for good
+                child.wait()
+                print(f"The run did not stop within {STOP_GRACE_S:.0f} s and was killed; "
+                      "--resume-from-checkpoint auto continues from its last complete checkpoint.",
+                      file=sys.stderr, flush=True)
+                return 130
 
 
 def _resolve(flag: str, model_id: str):

@@ -15,12 +15,13 @@ import time
 import traceback
 from pathlib import Path
 
-from core import config_io
+from core import checkpoints, config_io
 from core.errors import UserError
 from core.events import STOP, write_status
 from core.params import LLMTrainingParams
 
 log = logging.getLogger("aitraining")
+FILE_ONLY = {"file_only": True}  # logging extra: running.log only (tracebacks), not the console
 
 
 def _setup_logging(run_dir: Path) -> list[tuple[logging.Logger, logging.Handler]]:
@@ -29,6 +30,7 @@ def _setup_logging(run_dir: Path) -> list[tuple[logging.Logger, logging.Handler]
     handler.setFormatter(fmt)
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    console.addFilter(lambda record: not getattr(record, "file_only", False))
     added = []
     for name in ("aitraining", "transformers", "peft", "trl", "datasets", "accelerate"):
         lg = logging.getLogger(name)
@@ -59,22 +61,40 @@ def train(params: LLMTrainingParams, run_dir: str | os.PathLike) -> int:
     if not config_path.exists():
         config_io.save(params, config_path)
     handlers = _setup_logging(run_dir)
+    if int(os.environ.get("RANK", "0")) == 0:  # one process of a distributed run tidies up
+        checkpoints.clean(run_dir)  # partial checkpoints and temp files of a killed earlier process
     STOP.clear()
     previous = {s: signal.signal(s, _on_stop_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    write_status(run_dir, "running", started=time.time(), pid=os.getpid(), stage=params.stage, error=None)
+    # step None until the trainer says where it starts (a resumed run: its checkpoint's step)
+    write_status(run_dir, "running", started=time.time(), pid=os.getpid(), stage=params.stage, error=None,
+                 reason=None, step=None)
     try:
         log.info("run %s: trainer %s, model %s, data %s", run_dir, params.trainer, params.model, params.data_path)
         metrics = STAGES[params.stage].runner()(params, run_dir)
     except UserError as e:
         log.error("%s", e)
-        write_status(run_dir, "failed", error=str(e))
+        write_status(run_dir, "failed", reason="input", error=str(e))
         return e.exit_code
     except KeyboardInterrupt:
-        write_status(run_dir, "aborted", error="interrupted twice: stopped without a final checkpoint")
+        write_status(run_dir, "aborted", reason="interrupted",
+                     error="interrupted twice: stopped without a final checkpoint")
         return 130
     except Exception as e:  # a bug or an environment failure: full traceback in running.log
+        if is_oom(e):
+            message = oom_message(e, params)
+            log.error("%s", message)
+            log.error("details:\n%s", traceback.format_exc(), extra=FILE_ONLY)
+            write_status(run_dir, "failed", reason="oom", error=message)
+            return 1
+        if disk_full(e, run_dir):
+            checkpoints.clean(run_dir)  # the checkpoint being written is partial: remove it
+            message = disk_full_message(e, run_dir)
+            log.error("%s", message)
+            log.error("details:\n%s", traceback.format_exc(), extra=FILE_ONLY)
+            write_status(run_dir, "failed", reason="disk_full", error=message)
+            return 1
         log.error("training failed: %s: %s\n%s", type(e).__name__, e, traceback.format_exc())
-        write_status(run_dir, "failed", error=f"{type(e).__name__}: {e} (details in running.log)")
+        write_status(run_dir, "failed", reason="error", error=f"{type(e).__name__}: {e} (details in running.log)")
         return 1
     finally:
         for s, h in previous.items():
@@ -115,6 +135,138 @@ def push_run(params: LLMTrainingParams, run_dir: Path) -> int:
     write_status(run_dir, "finished", pushed_to=url)
     log.info("pushed to %s", url)
     return 0
+
+
+# -- failures people can fix ------------------------------------------------------------------
+
+def _chain(e: BaseException):
+    while e is not None:
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def is_oom(e: BaseException) -> bool:
+    """Out of memory on any device: torch.OutOfMemoryError (CUDA/MPS), MemoryError, or the CPU
+    allocator's RuntimeError ("DefaultCPUAllocator: can't allocate memory")."""
+    import torch
+
+    for x in _chain(e):
+        if isinstance(x, (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))):
+            return True
+        text = str(x).lower()
+        if isinstance(x, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text):
+            return True
+    return False
+
+
+def memory_estimate(params: LLMTrainingParams) -> str:
+    """A rough figure for the OOM message: weights + gradients/optimizer + activations, against
+    what the device has free."""
+    import torch
+
+    try:
+        from transformers import AutoConfig
+
+        from core.model.loader import resolve_model
+
+        path = Path(resolve_model(params.model))
+        cfg = AutoConfig.from_pretrained(path, trust_remote_code=params.trust_remote_code)
+        cfg = getattr(cfg, "text_config", None) or cfg
+        weights = sum(f.stat().st_size for f in path.glob("*.safetensors")) or \
+            sum(f.stat().st_size for f in path.glob("*.bin"))
+        if params.quantization == "int4":
+            weights /= 4
+        elif params.quantization == "int8":
+            weights /= 2
+        # full/freeze: fp32 gradients and two Adam moments per weight; LoRA: a few percent of that
+        states = 3 * weights * (1.0 if params.finetuning_type == "full" else 0.05)
+        seq = params.block_size if params.block_size > 0 else params.model_max_length
+        tokens = params.batch_size * seq
+        acts = tokens * cfg.hidden_size * cfg.num_hidden_layers * 34 + tokens * cfg.vocab_size * 4 * 3
+        need = (weights + states + acts) / 2**30
+    except Exception as err:  # the estimate must never hide the real error
+        return f"(no memory estimate: {err})"
+    if torch.cuda.is_available():
+        free = torch.cuda.mem_get_info()[0] / 2**30
+        where = "free on the GPU"
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+        where = "free RAM"
+    return (f"Rough estimate for batch {params.batch_size} x {seq} tokens: {need:.2f} GiB "
+            f"(weights {weights / 2**30:.2f}, gradients+optimizer {states / 2**30:.2f}, activations "
+            f"{acts / 2**30:.2f}); {free:.2f} GiB {where} now.")
+
+
+def oom_message(e: BaseException, params: LLMTrainingParams) -> str:
+    import torch
+
+    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+    fixes = [f"a smaller --batch-size (now {params.batch_size}; raise --gradient-accumulation to keep "
+             "the effective batch)"]
+    if params.block_size <= 0 or params.block_size > 512:
+        fixes.append("a shorter --block-size")
+    if not torch.cuda.is_available():
+        fixes.append("a GPU, where gradient checkpointing is on by default (this CPU run trains without it)")
+    elif params.disable_gradient_checkpointing:
+        fixes.append("gradient checkpointing: drop --disable-gradient-checkpointing")
+    if not params.quantization:
+        fixes.append("QLoRA: --peft --quantization int4")
+    elif params.finetuning_type == "full":
+        fixes.append("--peft (LoRA) instead of full fine-tuning")
+    return (f"out of memory: {first}. The run did not fit in memory. Fix: " + "; or ".join(fixes) +
+            f". {memory_estimate(params)}")
+
+
+def disk_full(e: BaseException, run_dir: Path) -> bool:
+    """A write failed for lack of space (ENOSPC), quota (EDQUOT) or a file size limit (EFBIG).
+    Some writers (torch.save) drop the errno, so a failed write is checked with a 1 MiB probe."""
+    import errno as E
+
+    codes = {E.ENOSPC, E.EFBIG, E.EDQUOT}
+    # torch.save reports a short write as "file write failed" or "unexpected pos N vs M"
+    words = ("no space left", "file too large", "quota exceeded", "os error 28", "os error 27",
+             "file write failed", "unexpected pos", "inline_container")
+    suspect = False
+    for x in _chain(e):
+        if isinstance(x, OSError) and x.errno in codes:
+            return True
+        text = str(x).lower()
+        suspect = suspect or any(w in text for w in words)
+    if not suspect:
+        return False
+    probe = run_dir / f".disk-probe-{os.getpid()}.tmp"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 2**20)
+            f.flush()
+            os.fsync(f.fileno())
+        return False
+    except OSError as err:
+        return err.errno in codes
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+def disk_full_message(e: BaseException, run_dir: Path) -> str:
+    import shutil
+
+    last = checkpoints.last_complete(run_dir)
+    import resource
+
+    try:
+        free = f"{shutil.disk_usage(run_dir).free / 2**20:.1f} MiB free there now"
+    except OSError:
+        free = "free space unknown"
+    fsize = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if fsize != resource.RLIM_INFINITY:
+        free += f", files limited to {fsize} bytes (ulimit -f)"
+    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    kept = (f"The last complete checkpoint, {last.name}, is intact; after freeing space, "
+            f"--resume-from-checkpoint auto continues from it." if last else
+            "No complete checkpoint was saved yet.")
+    return (f"disk full while writing to {run_dir} ({free}; {first}). A partly written checkpoint "
+            f"was removed. {kept} Fix: free disk space, or raise the file size limit (ulimit -f), or point "
+            "--project-name at a disk with room; --save-total-limit 1 keeps fewer checkpoints.")
 
 
 def main(argv: list[str] | None = None) -> int:

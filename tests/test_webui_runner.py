@@ -50,6 +50,16 @@ def group_members(pgid: int) -> list[int]:
             continue
     return out
 
+def survivors(pids) -> list[int]:
+    out = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                out.append(pid)
+        except psutil.NoSuchProcess:
+            continue
+    return out
+
 def console(run_dir: Path) -> str:
     return tail(run_dir / CONSOLE_FILE, 4000)
 
@@ -255,6 +265,7 @@ def test_abort_stops_the_whole_group_with_a_checkpoint(tiny_model_dir, tmp_path)
         return len(read_log(run_dir / LOG_FILE)[0]) >= 3
     wait_for(logged, 180, "three log lines")
     assert group_members(pgid), "the run's process group should be alive"
+    tree = {pgid} | {c.pid for c in psutil.Process(pgid).children(recursive=True)}
 
     grace = 45.0
     t0 = time.time()
@@ -263,6 +274,7 @@ def test_abort_stops_the_whole_group_with_a_checkpoint(tiny_model_dir, tmp_path)
     with pytest.raises(ProcessLookupError):  # reaped too: nothing left of the group at all
         wait_for(lambda: os.killpg(pgid, 0) or False, 5, "the group to be reaped", interval=0.05)
     assert time.time() - t0 < grace
+    assert survivors(tree) == [], "no process of the run survives, in or out of its group"
 
     status = read_status(run_dir)
     assert status["state"] == "aborted", (status, console(run_dir))
@@ -271,7 +283,8 @@ def test_abort_stops_the_whole_group_with_a_checkpoint(tiny_model_dir, tmp_path)
     assert ckpt is not None, sorted(x.name for x in run_dir.iterdir())
     state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
     assert 3 <= state["global_step"] < 400  # the stop saved the step it reached
-    assert state["global_step"] == int(ckpt.name.split("-")[1])
+    assert state["global_step"] == int(ckpt.name.split("-")[1]) == status["step"]
+    assert (ckpt / "adapter_model.safetensors").is_file() and (ckpt / "optimizer.pt").is_file()
     assert runner.active() is None
     assert [r["state"] for r in list_runs(root)] == ["aborted"]
     assert runner.abort() is None  # nothing left to stop

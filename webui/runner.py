@@ -19,12 +19,12 @@ from typing import Optional
 
 from core.errors import UserError
 from core.events import LOG_FILE, read_log, read_status, write_status
-from core.launch import build_command, build_env
+from core.launch import STOP_GRACE_S, build_command, build_env
 from core.params import LLMTrainingParams
 from core.project import Project
 
 CONSOLE_FILE = "console.log"
-ABORT_GRACE_S = 60.0  # time to save a checkpoint after SIGTERM before SIGKILL
+ABORT_GRACE_S = STOP_GRACE_S  # time to save a checkpoint after SIGTERM before SIGKILL
 
 
 class BusyError(UserError):
@@ -56,12 +56,10 @@ def group_alive(pgid: int) -> bool:
 
 
 def last_checkpoint(run_dir: Path) -> Optional[Path]:
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest complete checkpoint (a partial one, from a kill mid-save, does not count)."""
+    from core.checkpoints import last_complete
 
-    if not run_dir.is_dir():
-        return None
-    last = get_last_checkpoint(str(run_dir))
-    return Path(last) if last else None
+    return last_complete(run_dir)
 
 
 def tail(path: Path, max_bytes: int = 8000) -> str:

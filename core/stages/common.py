@@ -176,7 +176,7 @@ def training_args(params: LLMTrainingParams, run_dir: Path, *, n_train: int, has
         eval_steps=(params.eval_steps or params.save_steps) if eval_strategy == "steps" else None,
         save_strategy=params.save_strategy,
         save_steps=params.save_steps,
-        save_total_limit=params.save_total_limit,
+        save_total_limit=None,  # RunLogCallback.on_save rotates, once the new checkpoint is complete
         logging_steps=logging_steps(params, n_train),
         logging_first_step=True,
         auto_find_batch_size=params.auto_find_batch_size,
@@ -190,29 +190,37 @@ def training_args(params: LLMTrainingParams, run_dir: Path, *, n_train: int, has
         dataloader_pin_memory=device_type() == "cuda",
     )
     kw.update(overrides)
-    return cls(**kw)
+    args = cls(**kw)
+    args.keep_checkpoints = params.save_total_limit  # read by core.events.RunLogCallback.on_save
+    return args
 
 
 def resume_path(params: LLMTrainingParams, run_dir: Path) -> Optional[str]:
-    """--resume-from-checkpoint: a path, or 'auto' for the newest complete checkpoint in the run."""
-    from transformers.trainer_utils import get_last_checkpoint
+    """--resume-from-checkpoint: a path, or 'auto' for the newest complete checkpoint in the run
+    (partial ones, left by a kill mid-save, are skipped; core.run has removed them already)."""
+    from core import checkpoints
+    from core.events import write_status
 
     choice = params.resume_from_checkpoint
+    last = checkpoints.last_complete(run_dir)
     if not choice:
-        if run_dir.is_dir() and get_last_checkpoint(str(run_dir)):
+        if last is not None:
             log.warning("%s holds checkpoints from an earlier run; this run starts fresh. Pass "
                         "--resume-from-checkpoint auto to continue it instead.", run_dir)
+        write_status(run_dir, resumed_from=None)
         return None
     if choice == "auto":
-        last = get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
         if last is None:
-            log.warning("--resume-from-checkpoint auto: no checkpoint in %s yet; starting from step 0", run_dir)
+            log.warning("--resume-from-checkpoint auto: no complete checkpoint in %s yet; starting from step 0",
+                        run_dir)
         else:
             log.info("resuming from %s", last)
-        return last
-    if not (Path(choice) / "trainer_state.json").is_file():
-        raise ConfigError(f"--resume-from-checkpoint {choice}: not a checkpoint directory (no "
+        write_status(run_dir, resumed_from=str(last) if last else None)
+        return str(last) if last else None
+    if not checkpoints.is_complete(choice):
+        raise ConfigError(f"--resume-from-checkpoint {choice}: not a complete checkpoint directory (no readable "
                           "trainer_state.json); use 'auto' or a checkpoint-N directory of a run")
+    write_status(run_dir, resumed_from=str(choice))
     return choice
 
 

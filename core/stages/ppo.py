@@ -96,6 +96,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from core import checkpoints
+from core.checkpoints import repair_log
 from core.errors import ConfigError
 from core.events import LOG_FILE, PLOT_EVERY_S, STOP, plot_loss, read_log, write_status
 from core.params import LLMTrainingParams
@@ -622,6 +624,7 @@ class PPOTrainer:
         log.info("PPO: %d prompts, %d iterations of %d prompts (%d per epoch), %d PPO epochs over "
                  "mini-batches of %d", len(self.prompts), self.total_steps, c.batch_size, self.steps_per_epoch,
                  c.num_ppo_epochs, c.mini_batch_size)
+        repair_log(self.run_dir / LOG_FILE, upto_step=self.step)  # drop a torn line and steps redone now
         records, _ = read_log(self.run_dir / LOG_FILE)  # a resumed run keeps its curve
         started, last_plot, first_reward, stats = time.time(), 0.0, None, {}
         while self.step < self.total_steps:
@@ -735,7 +738,7 @@ class PPOTrainer:
         done = sorted((p for p in self.run_dir.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)),
                       key=lambda p: int(p.name.split("-")[1]))
         for old in done[:-self.config.save_total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
+            checkpoints.remove(old)  # rename, then delete: never half-deleted under its name
         write_status(self.run_dir, last_checkpoint=str(out))
         log.info("saved %s", out)
         return out

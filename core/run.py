@@ -19,16 +19,17 @@ from core import config_io
 from core.errors import UserError
 from core.events import STOP, write_status
 from core.params import LLMTrainingParams
+from core.redaction import RedactingFormatter, RedactingStream, register
 
 log = logging.getLogger("aitraining")
 
 
 def _setup_logging(run_dir: Path) -> list[tuple[logging.Logger, logging.Handler]]:
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
+    fmt = RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
     handler = logging.FileHandler(run_dir / "running.log", encoding="utf-8")
     handler.setFormatter(fmt)
     console = logging.StreamHandler(sys.stderr)
-    console.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    console.setFormatter(RedactingFormatter("%(levelname)s %(message)s"))
     added = []
     for name in ("aitraining", "transformers", "peft", "trl", "datasets", "accelerate"):
         lg = logging.getLogger(name)
@@ -54,6 +55,7 @@ def train(params: LLMTrainingParams, run_dir: str | os.PathLike) -> int:
     from core.stages import STAGES
 
     run_dir = Path(run_dir)
+    register(params.token)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "config.yaml"
     if not config_path.exists():
@@ -91,6 +93,8 @@ def train(params: LLMTrainingParams, run_dir: str | os.PathLike) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # everything this process prints lands in the run's console.log: no token in clear there
+    sys.stdout, sys.stderr = RedactingStream(sys.stdout), RedactingStream(sys.stderr)
     if len(argv) != 1:
         print("usage: python -m core.run <config.yaml>", file=sys.stderr)
         return 2

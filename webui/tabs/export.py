@@ -8,6 +8,8 @@ from pathlib import Path
 
 import gradio as gr
 
+from core.redaction import redact
+from webui.guard import inside
 from webui.i18n import t
 
 
@@ -49,10 +51,11 @@ def build(ui) -> None:
         if not adapter:
             return "<div class='error-box'>Choose an adapter (a finished LoRA run) in the top bar first.</div>"
         out = out or str(Path(adapter) / "exported")
-        try:
+        try:  # written only under --runs-dir
+            out = str(inside(ui.runs_root, out, "export directory", "--runs-dir", allow_root=False))
             path = merge_in_worker(adapter, out, shard_size or "2GB")
         except Exception as e:
-            return f"<div class='error-box'>{html.escape(str(e))}</div>"
+            return f"<div class='error-box'>{html.escape(redact(str(e)))}</div>"
         return f"<div class='ok-box' id='export-done'>{html.escape(t('export_done', ui.lang, path=path))}</div>"
 
     b_export.click(export_with_shard, [ui.fields["adapter_path"], out_dir, shard], result)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 import gradio as gr
+import numpy as np
 import pandas as pd
 
 from core import DATA_DIR, config_io
@@ -85,9 +86,9 @@ def plot_frame(mon: Monitor, metric: str, max_points: int = PLOT_POINTS) -> pd.D
         steps += s
         values += v
         names += [name] * len(s)
-    frame = pd.DataFrame({"step": steps, "value": values, "series": names}, columns=["step", "value", "series"])
     # explicit dtypes: an empty first frame must not make the plot treat the axes as categories
-    return frame.astype({"step": "int64", "value": "float64", "series": "string"})
+    return pd.DataFrame({"step": np.array(steps, dtype=np.int64), "value": np.array(values, dtype=np.float64),
+                         "series": pd.array(names, dtype="string")})
 
 
 def monitor_tick(runner: Runner, mon: Monitor, follow: Optional[str], metric_name: str, lang: str) -> dict:

@@ -35,7 +35,8 @@ def server(tmp_path_factory, tiny_model_dir):
     proc = subprocess.Popen([sys.executable, str(REPO / "launch.py"), "--port", str(port), "--runs-dir", str(runs),
                              "--data-dir", str(data), "--auth", f"{USER}:{PASSWORD}", "--max-upload-mb", "1"],
                             cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**env, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)})
+                            env={**env, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO),
+                                 "GRADIO_TEMP_DIR": str(root / "gradio-tmp")})
     url = f"http://127.0.0.1:{port}/"
     for _ in range(240):
         try:
@@ -229,6 +230,15 @@ def test_five_sessions_share_one_run_and_none_blocks_another(server, browser, tm
     e.pg.wait_for_function("document.querySelector('#ds-message').innerText.includes('outside')")
     ddir.fill(str(server["data"]))
     ddir.press("Tab")
+    # an upload lands in the data directory, and only there (Gradio's temp copy is removed)
+    upload = tmp_path / "uploaded_set.jsonl"
+    upload.write_text(json.dumps({"instruction": "hi", "output": "hello"}) + "\n", encoding="utf-8")
+    e.pg.locator("#ds-upload input[type=file]").set_input_files(str(upload))
+    e.pg.wait_for_function("document.querySelector('#ds-file-name textarea, #ds-file-name input').value "
+                           "=== 'uploaded_set.jsonl'")
+    assert (server["data"] / "uploaded_set.jsonl").read_bytes() == upload.read_bytes()
+    copies = [p for p in server["root"].rglob("uploaded_set.jsonl") if p.parent != server["data"]]
+    assert copies == [], copies
     name = e.pg.locator("#ds-name input")
     name.fill("evil")
     name.press("Enter")

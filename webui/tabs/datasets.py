@@ -102,7 +102,7 @@ def build(ui, data_dir: Path) -> None:
         except UserError as e:
             return gr.skip(), box(str(e))
         finally:  # Gradio's own copy in its temp folder: the data directory holds the only one
-            if Path(ui.upload_cache) in src.resolve().parents:
+            if Path(ui.upload_cache).resolve() in src.resolve().parents:
                 src.unlink(missing_ok=True)
         return path.name, box(t("msg_saved", ui.lang, path=path), ok=True)
 

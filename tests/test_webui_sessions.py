@@ -138,6 +138,14 @@ class Session:
         box.press("Enter")
         self.pg.keyboard.press("Escape")
 
+    def wait(self, js: str, timeout: int = 180_000) -> None:
+        """wait_for_function, with a screenshot of the page when it times out."""
+        try:
+            self.pg.wait_for_function(js, timeout=timeout)
+        except Exception:
+            self.shot("timeout")
+            raise
+
     def progress(self, attr):
         return self.pg.locator("#run-progress").get_attribute(attr)
 
@@ -170,10 +178,12 @@ def test_five_sessions_share_one_run_and_none_blocks_another(server, browser, tm
     a.choose("chat_template", "chatml")
     for field, value in [("max_samples", 8), ("epochs", 400), ("gradient_accumulation", 1), ("lr", 0.01)]:
         a.fill(field, value)
+    a.pg.locator("#acc-checkpoint").click()
+    a.fill("logging_steps", 1)  # every step on the curve: the monitors move at once
     a.pg.locator("#acc-hub").click()
     a.pg.locator("#field-token input").fill(TOKEN)
     a.pg.locator("#btn-preview-cmd").click()
-    a.pg.wait_for_function("document.querySelector('#command').innerText.includes('--token')")
+    a.wait("document.querySelector('#command').innerText.includes('--token')")
     assert "--token '***'" in a.pg.locator("#command").inner_text()
     assert "token" not in a.pg.locator("#run-yaml").inner_text().replace("add_eos_token", "")
     a.pg.locator("#btn-export-yaml").click()
@@ -185,7 +195,7 @@ def test_five_sessions_share_one_run_and_none_blocks_another(server, browser, tm
 
     # every session sees the same running job, without having started it
     for x in s:
-        x.pg.wait_for_function("document.querySelector('#run-progress').dataset.state === 'running' && "
+        x.wait("document.querySelector('#run-progress').dataset.state === 'running' && "
                                "Number(document.querySelector('#run-progress').dataset.step) >= 1", timeout=180_000)
         assert str(run_dir) in x.pg.locator("#run-progress").inner_text()
 
@@ -193,7 +203,7 @@ def test_five_sessions_share_one_run_and_none_blocks_another(server, browser, tm
     b = s[1]
     b.fill("epochs", 2)
     b.pg.locator("#btn-start").click()
-    b.pg.wait_for_function("document.querySelector('#train-message').innerText.includes('already active')")
+    b.wait("document.querySelector('#train-message').innerText.includes('already active')")
     assert str(run_dir) in b.message()
     assert sorted(p.name for p in server["runs"].iterdir() if not p.name.startswith(".")) == [run_dir.name]
 
@@ -207,34 +217,34 @@ def test_five_sessions_share_one_run_and_none_blocks_another(server, browser, tm
     step_before = int(a.progress("data-step"))
     c.pg.locator("#chat-input textarea").fill("Who are you?")
     c.pg.locator("#btn-chat-send").click()
-    c.pg.wait_for_function("document.querySelectorAll('#chat-bot .message-row').length >= 2", timeout=180_000)
+    c.wait("document.querySelectorAll('#chat-bot .message-row').length >= 2", timeout=180_000)
     assert c.pg.locator("#chat-bot .message-row").nth(1).inner_text().strip()
     c.shot("chat-while-training")
     assert read_status(run_dir)["state"] == "running"
     # ...and the monitors kept moving meanwhile, in every session
     for x in s:
-        x.pg.wait_for_function(f"Number(document.querySelector('#run-progress').dataset.step) > {step_before}",
+        x.wait(f"Number(document.querySelector('#run-progress').dataset.step) > {step_before}",
                                timeout=120_000)
 
     # misuse from the fourth and fifth sessions: paths out of their roots are refused with a message
     d = s[3]
     d.fill("project_name", "../escape")
     d.pg.locator("#btn-start").click()
-    d.pg.wait_for_function("document.querySelector('#train-message').innerText.includes('outside')")
+    d.wait("document.querySelector('#train-message').innerText.includes('outside')")
     assert "--runs-dir" in d.message() and not (server["runs"].parent / "escape").exists()
     e = s[4]
     e.pg.get_by_role("tab", name="Datasets").click()
     ddir = e.pg.locator("#ds-data-dir textarea, #ds-data-dir input").first
     ddir.fill("/tmp")
     ddir.press("Tab")
-    e.pg.wait_for_function("document.querySelector('#ds-message').innerText.includes('outside')")
+    e.wait("document.querySelector('#ds-message').innerText.includes('outside')")
     ddir.fill(str(server["data"]))
     ddir.press("Tab")
     # an upload lands in the data directory, and only there (Gradio's temp copy is removed)
     upload = tmp_path / "uploaded_set.jsonl"
     upload.write_text(json.dumps({"instruction": "hi", "output": "hello"}) + "\n", encoding="utf-8")
     e.pg.locator("#ds-upload input[type=file]").set_input_files(str(upload))
-    e.pg.wait_for_function("document.querySelector('#ds-file-name textarea, #ds-file-name input').value "
+    e.wait("document.querySelector('#ds-file-name textarea, #ds-file-name input').value "
                            "=== 'uploaded_set.jsonl'")
     assert (server["data"] / "uploaded_set.jsonl").read_bytes() == upload.read_bytes()
     copies = [p for p in server["root"].rglob("uploaded_set.jsonl") if p.parent != server["data"]]
@@ -245,12 +255,12 @@ def test_five_sessions_share_one_run_and_none_blocks_another(server, browser, tm
     fname = e.pg.locator("#ds-file-name textarea, #ds-file-name input").first
     fname.fill("../../../etc/passwd")
     e.pg.locator("#btn-ds-save").click()
-    e.pg.wait_for_function("document.querySelector('#ds-message').innerText.includes('passwd')")
+    e.wait("document.querySelector('#ds-message').innerText.includes('passwd')")
     assert "evil" not in json.loads((server["data"] / "dataset_info.json").read_text())
     e.shot("refused")
 
     # the token: nowhere in any session's page (previews, YAML, log box, messages included)
-    a.pg.wait_for_function("document.querySelector('#log-tail textarea').value.length > 0")
+    a.wait("document.querySelector('#log-tail textarea').value.length > 0")
     pages = [x.pg.content() for x in s]
     assert all(TOKEN not in html for html in pages)
     assert all(TOKEN not in x.pg.evaluate("document.body.innerText") for x in s)
@@ -261,7 +271,7 @@ def test_five_sessions_share_one_run_and_none_blocks_another(server, browser, tm
     pid = read_status(run_dir)["pid"]
     s[4].pg.locator("#btn-abort").click()
     for x in s:
-        x.pg.wait_for_function("document.querySelector('#run-progress').dataset.state === 'aborted'",
+        x.wait("document.querySelector('#run-progress').dataset.state === 'aborted'",
                                timeout=120_000)
     deadline = time.time() + 30
     while group_alive(pid) and time.time() < deadline:

@@ -173,7 +173,11 @@ def make_params(config: Optional[str], given: dict[str, Any]) -> LLMTrainingPara
 
 def cmd_llm(argv: Sequence[str]) -> int:
     ns, given = parse_llm(argv)
+    from core.redaction import register
+
+    register(given.get("token"))
     params = make_params(ns.config, given)
+    register(params.token)  # a token from the run YAML
     from core.project import Project
 
     project = Project(params)
@@ -288,7 +292,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         top.print_help()
         return 0
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        from core.redaction import redact
+
+        print(f"error: {redact(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -150,7 +150,12 @@ def dumps(p: LLMTrainingParams) -> str:
 
 def loads(text: str, source: str = "config") -> LLMTrainingParams:
     try:
-        doc = yaml.safe_load(text)
+        doc = yaml.safe_load(text)  # never yaml.load: a tag like !!python/object could run code
+    except yaml.constructor.ConstructorError as e:
+        raise ConfigError(f"{source}: refused: it uses a YAML tag that builds a Python object "
+                          f"({e.problem.split('tag ')[-1] if e.problem else 'unknown tag'}, "
+                          f"line {e.problem_mark.line + 1 if e.problem_mark else '?'}); run files hold "
+                          "plain values only: remove the tag") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{source}: not valid YAML: {e}") from None
     return from_dict(doc, source)

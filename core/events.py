@@ -19,6 +19,7 @@ from transformers import TrainerCallback
 from core import checkpoints
 from core.checkpoints import repair_log
 from core.config_io import atomic_write
+from core.redaction import redact_fields
 
 LOG_FILE = "trainer_log.jsonl"
 STATUS_FILE = "status.json"
@@ -43,7 +44,7 @@ def write_status(run_dir: str | os.PathLike, state: Optional[str] = None, **fiel
     if state is not None:
         assert state in STATES, state
         status["state"] = state
-    status.update(fields)
+    status.update(redact_fields(fields))  # an error message may quote a token: never in clear
     status["updated"] = time.time()
     atomic_write(Path(run_dir) / STATUS_FILE, json.dumps(status, indent=2, default=str))
     return status

@@ -19,17 +19,18 @@ from core import checkpoints, config_io
 from core.errors import UserError
 from core.events import STOP, write_status
 from core.params import LLMTrainingParams
+from core.redaction import RedactingFormatter, RedactingStream, register
 
 log = logging.getLogger("aitraining")
 FILE_ONLY = {"file_only": True}  # logging extra: running.log only (tracebacks), not the console
 
 
 def _setup_logging(run_dir: Path) -> list[tuple[logging.Logger, logging.Handler]]:
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
+    fmt = RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
     handler = logging.FileHandler(run_dir / "running.log", encoding="utf-8")
     handler.setFormatter(fmt)
     console = logging.StreamHandler(sys.stderr)
-    console.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    console.setFormatter(RedactingFormatter("%(levelname)s %(message)s"))
     console.addFilter(lambda record: not getattr(record, "file_only", False))
     added = []
     for name in ("aitraining", "transformers", "peft", "trl", "datasets", "accelerate"):
@@ -56,6 +57,7 @@ def train(params: LLMTrainingParams, run_dir: str | os.PathLike) -> int:
     from core.stages import STAGES
 
     run_dir = Path(run_dir)
+    register(params.token)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "config.yaml"
     if not config_path.exists():
@@ -271,6 +273,8 @@ def disk_full_message(e: BaseException, run_dir: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # everything this process prints lands in the run's console.log: no token in clear there
+    sys.stdout, sys.stderr = RedactingStream(sys.stdout), RedactingStream(sys.stderr)
     if len(argv) != 1:
         print("usage: python -m core.run <config.yaml>", file=sys.stderr)
         return 2

@@ -273,7 +273,7 @@ def test_export_tab_writes_shards_gguf_and_modelfile(server, browser, tmp_path):
     ui = Page(browser, server["url"], tmp_path / "screens")
     ui.type_choice("model", server["model"])
     ui.pg.get_by_role("tab", name="Export").click()
-    out = tmp_path / "exported"
+    out = server["runs"] / "exported"  # the UI writes only inside --runs-dir
     ui.pg.locator("#export-dir textarea, #export-dir input").first.fill(str(out))
     shard = ui.pg.locator("#export-shard input").first
     shard.fill("100KB")

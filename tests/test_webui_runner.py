@@ -91,20 +91,21 @@ def test_monitor_reads_only_new_complete_records(tmp_path):
         f.write(third[10:] + rec(4).encode())
     assert [r["step"] for r in mon.poll()] == [3, 4]
     assert mon.offset == log.stat().st_size
-    assert [r["step"] for r in mon.records] == [1, 2, 3, 4]
-    assert mon.records[2]["note"] == "olá 你好"
+    assert list(mon.series["loss"].steps) == [1, 2, 3, 4] and mon.count == 4
+    assert list(mon.series["loss"].values) == [1.0, 0.5, 1 / 3, 0.25]
+    assert mon.last["note"] == "olá 你好" and mon.last["step"] == 4
 
     mon.follow(run)  # same run: nothing is re-read
-    assert mon.poll() == [] and len(mon.records) == 4
+    assert mon.poll() == [] and mon.count == 4
 
     other = tmp_path / "other"
     other.mkdir()
     (other / LOG_FILE).write_text(rec(10), encoding="utf-8")
     mon.follow(other)
-    assert mon.offset == 0 and mon.records == []
+    assert mon.offset == 0 and mon.count == 0 and mon.series == {}
     assert [r["step"] for r in mon.poll()] == [10]
     mon.follow(None)
-    assert mon.poll() == [] and mon.records == []
+    assert mon.poll() == [] and mon.count == 0 and mon.last is None
 
 def test_monitor_byte_by_byte_writer_sees_every_record_once(tmp_path):
     lines = "".join(rec(i) for i in range(1, 8)).encode()
@@ -117,7 +118,7 @@ def test_monitor_byte_by_byte_writer_sees_every_record_once(tmp_path):
             f.write(lines[i:i + 1])
             seen += mon.poll()
     assert [r["step"] for r in seen] == list(range(1, 8))
-    assert mon.records == seen
+    assert mon.count == 7 and mon.last == seen[-1]
 
 def test_monitor_starts_over_when_a_fresh_run_replaces_the_log(tmp_path):
     log = tmp_path / LOG_FILE
@@ -126,10 +127,11 @@ def test_monitor_starts_over_when_a_fresh_run_replaces_the_log(tmp_path):
     mon.follow(tmp_path)
     assert len(mon.poll()) == 5
     log.unlink()  # Runner.start of a fresh run in the same directory drops the old curve
-    assert mon.poll() == [] and mon.records == []
+    assert mon.poll() == [] and mon.count == 0 and mon.series == {}
     log.write_text(rec(1, loss=9.0), encoding="utf-8")
     new = mon.poll()
-    assert [(r["step"], r["loss"]) for r in new] == [(1, 9.0)] and mon.records == new
+    assert [(r["step"], r["loss"]) for r in new] == [(1, 9.0)] and mon.last == new[0]
+    assert list(mon.series["loss"].values) == [9.0] and list(mon.smoothed.values) == [9.0]
 
 
 # -- helpers of the runs table ---------------------------------------------------------------------

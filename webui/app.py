@@ -47,6 +47,8 @@ class UI:
     runs_root: Path
     data_dir: Path
     lang: str = "en"
+    max_upload_mb: int = 50
+    upload_cache: str = ""  # Gradio's temp folder for uploads (a copy in the data dir is kept, this one goes)
     fields: dict[str, gr.Component] = field(default_factory=dict)
     extra: dict[str, gr.Component] = field(default_factory=dict)
     translations: list[tuple[gr.Component, Callable[[str], Any]]] = field(default_factory=list)
@@ -94,13 +96,18 @@ def adapters_for(runs_root: Path, model: Optional[str]) -> list[str]:
 
 
 def build_app(runs_root: str | os.PathLike = "runs", lang: str = "en",
-              data_dir: str | os.PathLike = DATA_DIR) -> gr.Blocks:
+              data_dir: str | os.PathLike = DATA_DIR, max_upload_mb: int = 50) -> gr.Blocks:
+    from gradio.utils import get_upload_folder
+
     from webui.tabs import chat, datasets, export, runs, train
 
     runs_root = Path(runs_root).resolve()
     runs_root.mkdir(parents=True, exist_ok=True)
-    ui = UI(runner=Runner(runs_root), runs_root=runs_root, data_dir=Path(data_dir), lang=lang)
-    with gr.Blocks(title="aitraining") as demo:
+    data_dir = Path(data_dir).resolve()
+    ui = UI(runner=Runner(runs_root, data_dir), runs_root=runs_root, data_dir=data_dir, lang=lang,
+            max_upload_mb=max_upload_mb, upload_cache=get_upload_folder())
+    # delete_cache: Gradio's temp copies (imported YAML, exported files) go after an hour
+    with gr.Blocks(title="aitraining", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         with gr.Row():
             lang_box = gr.Dropdown(choices=[(v, k) for k, v in LANGS.items()], value=lang, elem_id="lang", scale=1)
             ui.text(lang_box, "lang")
@@ -143,6 +150,11 @@ def build_app(runs_root: str | os.PathLike = "runs", lang: str = "en",
         lang_box.change(switch_language, lang_box, [c for c, _ in ui.translations])
         on_load, load_outputs = ui.extra["on_load"]
         demo.load(on_load, None, load_outputs)
+    # The page is the only client: no event is a public API. (Gradio 6 embeds the API description,
+    # defaults included, in the login page it serves before --auth is checked; private endpoints
+    # are left out of it and cannot be called by the Gradio client libraries.)
+    for fn in demo.fns.values():
+        fn.api_visibility = "private"
     demo.ui = ui  # for tests and launch
     return demo
 
@@ -166,6 +178,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=os.environ.get("AITRAINING_DATA", str(DATA_DIR)),
                    help="directory holding dataset_info.json (default: the built-in data/)")
     p.add_argument("--lang", choices=list(LANGS), default="en")
+    p.add_argument("--max-upload-mb", type=int, default=int(os.environ.get("AITRAINING_MAX_UPLOAD_MB", "50")),
+                   help="largest file the page accepts, in MB (default 50); bigger datasets are copied "
+                        "into the data directory by hand")
     return p.parse_args(argv)
 
 
@@ -181,8 +196,11 @@ def main(argv=None) -> int:
         print(f"WARNING: the UI is reachable from other machines ({'share link' if args.share else args.host}) "
               "without a password; anyone who can reach it can train and read your files. "
               "Add --auth user:password.", file=sys.stderr)
-    demo = build_app(args.runs_dir, args.lang, args.data_dir)
+    demo = build_app(args.runs_dir, args.lang, args.data_dir, args.max_upload_mb)
+    # Each event has its own limit (8 at once): chat streaming in one session never waits for the
+    # monitor ticks or a Start in another. run_history=False: Gradio would otherwise keep every
+    # call's inputs (the token box included) in the browser's storage.
     demo.queue(default_concurrency_limit=8).launch(
         server_name=args.host, server_port=args.port, share=args.share, auth=auth, css=CSS,
-        max_file_size="50mb", footer_links=[], show_error=True)
+        max_file_size=args.max_upload_mb * 2**20, footer_links=[], show_error=True, run_history=False)
     return 0

@@ -9,6 +9,7 @@ import gradio as gr
 
 from core.chat import ChatEngine
 from core.errors import UserError
+from core.redaction import redact
 from webui.i18n import t
 
 # One pair of engines per browser session: sessions never wait on each other's chat.
@@ -52,7 +53,7 @@ def build(ui) -> None:
             elif eng["base"].loaded():
                 eng["base"].unload()
         except (UserError, RuntimeError) as e:
-            return f"<div class='error-box'>{html.escape(str(e))}</div>", gr.update(visible=side_by_side)
+            return f"<div class='error-box'>{html.escape(redact(str(e)))}</div>", gr.update(visible=side_by_side)
         what = info.get("adapter") or info.get("model")
         extra = f" · {info.get('template')} · {info.get('device')}/{info.get('dtype')}"
         return (f"<div class='ok-box' id='chat-loaded'>{html.escape(t('chat_loaded', ui.lang, model=what) + extra)}"
@@ -83,7 +84,7 @@ def build(ui) -> None:
             for text in eng["tuned"].stream(history, **opts):
                 yield "", history + [{"role": "assistant", "content": text}], base_history, gr.skip()
         except (UserError, RuntimeError) as e:
-            yield message, history[:-1], base_history, f"<div class='error-box'>{html.escape(str(e))}</div>"
+            yield message, history[:-1], base_history, f"<div class='error-box'>{html.escape(redact(str(e)))}</div>"
 
     outs = [box, bot, base_bot, status]
     b_send.click(send, [box, bot, base_bot, system, max_new, temp, top_p], outs)

@@ -12,6 +12,8 @@ import pandas as pd
 from core.data.inspect import add_entry, upload_file, validate_entry, validate_file
 from core.data.registry import dataset_kind, load_dataset_info, save_dataset_info
 from core.errors import UserError
+from core.redaction import redact
+from webui.guard import inside
 from webui.i18n import t
 
 COLUMNS = ["name", "file_name", "formatting", "kind", "ranking", "columns"]
@@ -35,10 +37,15 @@ def errors_frame(errors: list[dict]) -> pd.DataFrame:
 
 def box(message: str, ok: bool = False, elem: str = "") -> str:
     css = "ok-box" if ok else "error-box"
-    return f"<div class='{css}' id='{elem}'>{html.escape(message)}</div>" if message else ""
+    return f"<div class='{css}' id='{elem}'>{html.escape(redact(message))}</div>" if message else ""
 
 
 def build(ui, data_dir: Path) -> None:
+    def root(d) -> Path:
+        """The data directory typed in the box, refused unless inside --data-dir."""
+        return inside(data_dir, d or data_dir, "data directory", "--data-dir")
+
+    max_upload = ui.max_upload_mb * 2**20
     ddir = ui.text(gr.Textbox(value=str(data_dir), elem_id="ds-data-dir"), "data_dir")
     frame, err = registry_frame(str(data_dir))
     table = ui.text(gr.Dataframe(value=frame, interactive=False, elem_id="ds-table", wrap=True), "registry")
@@ -64,14 +71,18 @@ def build(ui, data_dir: Path) -> None:
     errors = gr.Dataframe(value=errors_frame([]), interactive=False, elem_id="ds-errors", wrap=True)
 
     def refresh(d):
-        f, e = registry_frame(d)
+        try:
+            d = root(d)
+        except UserError as e:
+            return gr.skip(), gr.skip(), box(str(e))
+        f, e = registry_frame(str(d))
         return f, gr.update(choices=list(f["name"])), box(e)
 
     ddir.change(refresh, ddir, [table, name, message])
 
     def pick(d, n):
         try:
-            entry = load_dataset_info(Path(d), check_files=False).get(n)
+            entry = load_dataset_info(root(d), check_files=False).get(n)
         except UserError as e:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), box(str(e))
         if entry is None:
@@ -85,10 +96,14 @@ def build(ui, data_dir: Path) -> None:
     def on_upload(d, file):
         if file is None:
             return gr.skip(), ""
+        src = Path(file if isinstance(file, str) else file.name)
         try:
-            path = upload_file(Path(d), file if isinstance(file, str) else file.name, overwrite=True)
+            path = upload_file(root(d), src, max_bytes=max_upload, overwrite=True)
         except UserError as e:
             return gr.skip(), box(str(e))
+        finally:  # Gradio's own copy in its temp folder: the data directory holds the only one
+            if Path(ui.upload_cache).resolve() in src.resolve().parents:
+                src.unlink(missing_ok=True)
         return path.name, box(t("msg_saved", ui.lang, path=path), ok=True)
 
     upload.upload(on_upload, [ddir, upload], [file_name, message])
@@ -99,37 +114,41 @@ def build(ui, data_dir: Path) -> None:
         except json.JSONDecodeError as e:
             return gr.skip(), gr.skip(), box(f"columns/tags: not valid JSON ({e.msg})")
         try:
-            add_entry(Path(d), (n or "").strip(), file_name=fname, formatting=fmt, columns=cols_v or None,
+            add_entry(root(d), (n or "").strip(), file_name=fname, formatting=fmt, columns=cols_v or None,
                       tags=tags_v or None, ranking=bool(rank), overwrite=True)
         except UserError as e:
             return gr.skip(), gr.skip(), box(str(e))
-        f, _ = registry_frame(d)
+        f, _ = registry_frame(str(root(d)))
         return f, gr.update(choices=list(f["name"])), box(t("msg_saved", ui.lang, path=n), ok=True)
 
     b_save.click(save, [ddir, name, file_name, formatting, ranking, columns, tags], [table, name, message])
 
     def delete(d, n):
         try:
-            entries = load_dataset_info(Path(d), check_files=False)
+            d = root(d)
+            entries = load_dataset_info(d, check_files=False)
             if n in entries:
                 del entries[n]
-                save_dataset_info(Path(d), entries)
+                save_dataset_info(d, entries)
         except UserError as e:
             return gr.skip(), gr.skip(), box(str(e))
-        f, _ = registry_frame(d)
+        f, _ = registry_frame(str(d))
         return f, gr.update(choices=list(f["name"]), value=None), ""
 
     b_delete.click(delete, [ddir, name], [table, name, message])
 
     def validate(d, n, fname, fmt):
         try:
-            registered = n in load_dataset_info(Path(d), check_files=False)
+            d = root(d)
+            registered = n in load_dataset_info(d, check_files=False)
+            if not registered and fname:
+                target = inside(d, fname, "file_name", "--data-dir")
         except UserError as e:
             return box(str(e)), errors_frame([])
         if registered:
-            errs = validate_entry(Path(d), n)
+            errs = validate_entry(d, n)
         elif fname:
-            errs = validate_file(Path(d) / fname, formatting=fmt)
+            errs = validate_file(target, formatting=fmt)
         else:
             return box("Pick a dataset or upload a file first."), errors_frame([])
         if errs:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import gradio as gr
 
+from core.redaction import redact
+from webui.guard import inside
 from webui.i18n import t
 
 
@@ -75,6 +77,10 @@ def build(ui) -> None:
         if do_push and not (username or "").strip():
             return "<div class='error-box'>Pushing needs the hub username (the repo is username/export-name).</div>"
         out = out or str(Path(source) / "exported")
+        try:  # written only under --runs-dir
+            out = str(inside(ui.runs_root, out, "export directory", "--runs-dir", allow_root=False))
+        except Exception as e:
+            return f"<div class='error-box'>{html.escape(redact(str(e)))}</div>"
         job = dict(source=None if adapter else source, adapter=adapter or None, out_dir=out,
                    max_shard_size=shard_size or "2GB", device=device_choice if device_choice != "auto" else _auto(),
                    quantization=None if quantization in (None, "none") else quantization,
@@ -83,7 +89,7 @@ def build(ui) -> None:
         try:
             done = export_in_worker(job)
         except Exception as e:
-            return f"<div class='error-box'>{html.escape(str(e))}</div>"
+            return f"<div class='error-box'>{html.escape(redact(str(e)))}</div>"
         lines = [t("export_done", ui.lang, path=done["model"])] + done["gguf"]
         if done.get("modelfile"):
             lines.append(done["modelfile"])

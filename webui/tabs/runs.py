@@ -7,7 +7,10 @@ import time
 import gradio as gr
 import pandas as pd
 
+from core.errors import UserError
+from webui.guard import inside
 from webui.runner import list_runs
+from webui.tabs.train import error_html
 
 COLUMNS = ["run", "state", "step", "total", "loss", "updated", "error"]
 
@@ -43,11 +46,15 @@ def build(ui) -> None:
 
         if not run:
             return [gr.skip()] + [gr.skip()] * len(inputs)
+        try:  # only run directories under --runs-dir can be opened
+            run = str(inside(ui.runs_root, run, "run", "--runs-dir", allow_root=False))
+        except UserError as e:
+            return [gr.skip()] * (1 + len(inputs)) + [error_html(str(e))]
         try:
             values = form.params_to_values(config_io.load(f"{run}/config.yaml"))
             field_values = [values[n] for n in form.form_fields()]
         except Exception:  # an old or foreign config: still show its curve and log
             field_values = [gr.skip()] * len(inputs)
-        return [run] + field_values
+        return [run] + field_values + [""]
 
-    open_btn.click(open_run, pick, [ui.extra["followed"], *inputs])
+    open_btn.click(open_run, pick, [ui.extra["followed"], *inputs, ui.extra["train_message"]])

@@ -7,20 +7,19 @@ from pathlib import Path
 from typing import Optional
 
 import gradio as gr
+import numpy as np
 import pandas as pd
 
 from core import DATA_DIR, config_io
 from core.cli import command_line
 from core.errors import UserError
-from core.events import smooth
+from core.redaction import redact, register
 from core.params import GROUPS, TRAINER_STAGE, LLMTrainingParams
 from core.stages import STAGES
 from webui import form
 from webui.i18n import group_title, t
-from webui.runner import Monitor, describe, last_checkpoint, tail
-
-SKIP_METRICS = {"step", "total_steps", "epoch", "elapsed", "remaining", "percentage", "tokens_per_second"}
-
+from webui.guard import confine, inside
+from webui.runner import PLOT_POINTS, Monitor, Runner, describe, last_checkpoint, tail, thin
 
 def stage_choices(lang: str) -> list[tuple[str, str]]:
     return [(f"{trainer} — {STAGES[stage].title}" if trainer == stage or trainer == "default" else trainer, trainer)
@@ -41,7 +40,7 @@ def dataset_choices(data_dir: str, trainer: str) -> tuple[list[str], str]:
 
 
 def error_html(message: str) -> str:
-    return f"<div class='error-box'>{html.escape(message)}</div>" if message else ""
+    return f"<div class='error-box'>{html.escape(redact(message))}</div>" if message else ""
 
 
 def fmt_seconds(s) -> str:
@@ -59,7 +58,7 @@ def progress_html(info: dict, last: Optional[dict], lang: str) -> str:
     pct = 100.0 * step / total if total else 0.0
     key = {"running": "status_running", "pending": "status_running", "finished": "status_finished",
            "aborted": "status_aborted"}.get(state, "status_failed")
-    state_text = t(key, lang, error=info.get("error") or "")
+    state_text = t(key, lang, error=redact(info.get("error") or ""))
     parts = [t("step", lang, step=step, total=total or "?"),
              t("elapsed", lang, elapsed=fmt_seconds((last or {}).get("elapsed"))),
              t("remaining", lang, remaining=fmt_seconds((last or {}).get("remaining")))]
@@ -72,27 +71,38 @@ def progress_html(info: dict, last: Optional[dict], lang: str) -> str:
             f"<div>{' · '.join(html.escape(p) for p in parts)}</div></div>")
 
 
-def plot_frame(records: list[dict], metric: str) -> pd.DataFrame:
-    rows = []
+def plot_frame(mon: Monitor, metric: str, max_points: int = PLOT_POINTS) -> pd.DataFrame:
+    """The chosen metric's curves for the plot, thinned to about max_points points each (a long
+    run is drawn from its envelope, not from every logged step)."""
     if metric == "loss":
-        train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
-        if train:
-            steps, losses = zip(*train)
-            rows += [{"step": s, "value": v, "series": "loss"} for s, v in train]
-            rows += [{"step": s, "value": v, "series": "smoothed"} for s, v in zip(steps, smooth(list(losses)))]
-        rows += [{"step": r["step"], "value": r["eval_loss"], "series": "eval_loss"}
-                 for r in records if r.get("eval_loss") is not None]
+        curves = [("loss", mon.series.get("loss")), ("smoothed", mon.smoothed), ("eval_loss", mon.series.get("eval_loss"))]
     else:
-        rows = [{"step": r["step"], "value": r[metric], "series": metric}
-                for r in records if isinstance(r.get(metric), (int, float))]
-    frame = pd.DataFrame(rows, columns=["step", "value", "series"])
+        curves = [(metric, mon.series.get(metric))]
+    steps, values, names = [], [], []
+    for name, series in curves:
+        if series is None or not len(series):
+            continue
+        s, v = thin(series, max_points)
+        steps += s
+        values += v
+        names += [name] * len(s)
     # explicit dtypes: an empty first frame must not make the plot treat the axes as categories
-    return frame.astype({"step": "int64", "value": "float64", "series": "string"})
+    return pd.DataFrame({"step": np.array(steps, dtype=np.int64), "value": np.array(values, dtype=np.float64),
+                         "series": pd.array(names, dtype="string")})
 
 
-def metrics_of(records: list[dict]) -> list[str]:
-    keys = {k for r in records for k, v in r.items() if isinstance(v, (int, float)) and k not in SKIP_METRICS}
-    return ["loss"] + sorted(keys - {"loss", "eval_loss"})
+def monitor_tick(runner: Runner, mon: Monitor, follow: Optional[str], metric_name: str, lang: str) -> dict:
+    """One refresh of the monitor, without Gradio: reads the log's new bytes only, the status and
+    the log tail. Returns the run followed, the progress HTML, the log text, the plot frame (None
+    when nothing new) and the metric choices (None when unchanged)."""
+    target = runner.active() or (Path(follow) if follow else None) or runner.last()
+    mon.follow(target)
+    new = mon.poll()
+    info = describe(target)
+    log_text = redact(tail(target / "running.log")) if target else ""
+    return {"target": target, "info": info, "progress": progress_html(info, mon.last, lang), "log": log_text,
+            "plot": plot_frame(mon, metric_name) if new or not mon.count else None,
+            "metrics": mon.metrics() if new else None}
 
 
 def build(ui) -> None:
@@ -170,7 +180,10 @@ def build(ui) -> None:
     inputs = ui.field_inputs()
 
     def params_from(args) -> LLMTrainingParams:
-        return form.values_to_params(ui.values(args))
+        """The form as parameters, with the run inside --runs-dir and the data inside --data-dir."""
+        values = ui.values(args)
+        register(values.get("token"))  # typed into the form: masked wherever it could be echoed
+        return confine(form.values_to_params(values), ui.runs_root, ui.data_dir)
 
     # -- data ---------------------------------------------------------------------------------
     def refresh_datasets(ddir, trainer_value, current):
@@ -236,8 +249,10 @@ def build(ui) -> None:
 
     b_save.click(save_args, inputs, [saved, message])
 
-    def load_args(path):
+    def load_args(path, uploaded=False):
         try:
+            if not uploaded:  # a saved run file: only from under --runs-dir
+                path = inside(ui.runs_root, path or "", "run file", "--runs-dir", allow_root=False)
             p = config_io.load(path)
         except UserError as e:
             return [gr.skip()] * len(inputs) + [error_html(str(e))]
@@ -256,13 +271,16 @@ def build(ui) -> None:
     b_export.click(export_yaml, inputs, [yaml_file, message])
 
     def import_yaml(file):
-        return load_args(file if isinstance(file, str) else file.name)
+        return load_args(file if isinstance(file, str) else file.name, uploaded=True)
 
     b_import.upload(import_yaml, b_import, [*inputs, message])
 
     # -- resume offer -------------------------------------------------------------------------
     def resume_offer(out):
-        ckpt = last_checkpoint(Path(out)) if out else None
+        try:
+            ckpt = last_checkpoint(inside(ui.runs_root, out, "project_name", "--runs-dir")) if out else None
+        except UserError:
+            ckpt = None  # refused with its message when Start is pressed
         if ckpt is None:
             return "", gr.update(visible=False)
         return (t("resume_info", ui.lang, checkpoint=ckpt),
@@ -292,24 +310,19 @@ def build(ui) -> None:
 
     # -- monitor ------------------------------------------------------------------------------
     def tick(mon: Monitor, follow, metric_name, lang_value):
-        target = ui.runner.active() or (Path(follow) if follow else None) or ui.runner.last()
-        mon.follow(target)
-        new = mon.poll()
-        info = describe(target)
-        last = mon.records[-1] if mon.records else None
-        log_text = tail(target / "running.log") if target else ""
-        plot_update = plot_frame(mon.records, metric_name) if new or not mon.records else gr.skip()
-        metric_update = gr.update(choices=metrics_of(mon.records)) if new else gr.skip()
+        out = monitor_tick(ui.runner, mon, follow, metric_name, lang_value or ui.lang)
+        info, target = out["info"], out["target"]
+        plot_update = out["plot"] if out["plot"] is not None else gr.skip()
+        metric_update = gr.update(choices=out["metrics"]) if out["metrics"] is not None else gr.skip()
         offer = (gr.skip(), gr.skip())
         if info.get("state", "") != mon.state:  # a run just ended (or started): offer to resume it
             mon.state = info.get("state", "")
             offer = resume_offer(str(target)) if mon.state in ("aborted", "failed") else ("", gr.update(visible=False))
-        return (mon, progress_html(info, last, lang_value or ui.lang), log_text, plot_update, metric_update,
-                *offer)
+        return (mon, out["progress"], out["log"], plot_update, metric_update, *offer)
 
     timer.tick(tick, [monitor, followed, metric, ui.extra["lang"]],
                [monitor, progress, log_box, plot, metric, resume_md, b_resume], show_progress="hidden")
-    metric.change(lambda mon, m: plot_frame(mon.records, m), [monitor, metric], plot)
+    metric.change(lambda mon, m: plot_frame(mon, m), [monitor, metric], plot)
 
     def on_load(*args):
         """A reopened page re-attaches: show the active run's settings in the form."""

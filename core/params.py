@@ -243,6 +243,14 @@ class LLMTrainingParams(BaseModel):
     eval_metrics: str = P("perplexity", "Comma-separated metrics: perplexity,bleu,rouge,accuracy", "eval")
     eval_save_predictions: bool = P(False, "Save generated predictions during evaluation", "eval")
     eval_batch_size: int = P(8, "Evaluation batch size", "eval", ge=1)
+    eval_max_new_tokens: int = P(128, "Max new tokens per generated answer (enhanced eval and the "
+                                 "post-training check)", "eval", ge=1)
+    post_train_check: bool = P(True, "After SFT, generate on a few validation prompts into samples.jsonl and "
+                               "warn when answers do not stop or the saved chat template differs", "eval")
+    curriculum: Optional[str] = P(None, "Curriculum learning: order training examples easy to hard by "
+                                  "'length' (tokens) or a numeric data column", "data")
+    curriculum_epochs: int = P(1, "Epochs in curriculum order (easy to hard); later epochs are shuffled",
+                               "data", ge=1)
 
     # ------------------------------------------------------------------------------------------
     @model_validator(mode="before")
@@ -287,10 +295,9 @@ class LLMTrainingParams(BaseModel):
     @classmethod
     def _json_space(cls, v: Optional[str]) -> Optional[str]:
         if v:
-            try:
-                json.loads(v)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"sweep_params is not valid JSON ({e.msg})") from None
+            from core.sweep import parse_space
+
+            parse_space(v)  # JSON or YAML text, or a .json/.yaml file; errors name the bad entry
         return v
 
     @model_validator(mode="after")

@@ -36,12 +36,22 @@ class Project:
         p = self.params
         # Options whose machinery has not landed yet are refused, never silently ignored.
         pending = {"--distributed-backend deepspeed":
-                   p.distributed_backend == "deepspeed", "--use-sweep": p.use_sweep,
-                   "--use-enhanced-eval": p.use_enhanced_eval, "--push-to-hub": p.push_to_hub}
+                   p.distributed_backend == "deepspeed", "--push-to-hub": p.push_to_hub}
         for flag, asked in pending.items():
             if asked:
                 raise ConfigError(f"{flag} is not available in this version yet; drop it (the run itself "
                                   "does not need it)")
+        if p.use_enhanced_eval:
+            from core.evaluate import parse_metrics
+
+            parse_metrics(p.eval_metrics)
+        if p.curriculum and p.stage != "sft":
+            raise ConfigError(f"--curriculum orders SFT examples; --trainer {p.trainer} does not use it. "
+                              "Drop --curriculum or use --trainer sft")
+        if p.use_sweep:
+            from core.sweep import check
+
+            check(p)
         # Read and validate the data now: a malformed record is reported in seconds, with its
         # file and record number, instead of after the model has loaded in the child process.
         from core.stages.common import load_records

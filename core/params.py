@@ -297,7 +297,12 @@ class LLMTrainingParams(BaseModel):
         if v:
             from core.sweep import parse_space
 
-            parse_space(v)  # JSON or YAML text, or a .json/.yaml file; errors name the bad entry
+            from core.errors import ConfigError
+
+            try:
+                parse_space(v)  # JSON or YAML text, or a .json/.yaml file; errors name the bad entry
+            except ConfigError as e:
+                raise ValueError(str(e)) from None
         return v
 
     @model_validator(mode="after")

@@ -95,7 +95,7 @@ def adapters_for(runs_root: Path, model: Optional[str]) -> list[str]:
 
 def build_app(runs_root: str | os.PathLike = "runs", lang: str = "en",
               data_dir: str | os.PathLike = DATA_DIR) -> gr.Blocks:
-    from webui.tabs import chat, datasets, export, runs, train
+    from webui.tabs import chat, datasets, evaluate, export, runs, train
 
     runs_root = Path(runs_root).resolve()
     runs_root.mkdir(parents=True, exist_ok=True)
@@ -120,6 +120,8 @@ def build_app(runs_root: str | os.PathLike = "runs", lang: str = "en",
                 train.build(ui)
             with ui.text(gr.Tab("Datasets", id="datasets", elem_id="tab-datasets"), "tab_datasets"):
                 datasets.build(ui, ui.data_dir)
+            with ui.text(gr.Tab("Evaluate & Predict", id="eval", elem_id="tab-eval"), "tab_eval"):
+                evaluate.build(ui)
             with ui.text(gr.Tab("Chat", id="chat", elem_id="tab-chat"), "tab_chat"):
                 chat.build(ui)
             with ui.text(gr.Tab("Export", id="export", elem_id="tab-export"), "tab_export"):

@@ -235,8 +235,9 @@ class LLMTrainingParams(BaseModel):
     sweep_n_trials: int = P(10, "Number of sweep trials", "sweep", ge=1)
     sweep_metric: str = P("eval_loss", "Metric to optimize", "sweep")
     sweep_direction: Literal["minimize", "maximize"] = P("minimize", "Optimization direction", "sweep")
-    sweep_params: Optional[str] = P(None, "Search space as JSON, e.g. "
-                                    "{\"lr\": {\"low\": 1e-5, \"high\": 1e-3, \"type\": \"float\"}}", "sweep")
+    sweep_params: Optional[str] = P(None, "Search space as JSON or YAML (or a .json/.yaml file): a range or "
+                                    "a list of choices per parameter, e.g. {\"lr\": {\"low\": 1e-5, \"high\": "
+                                    "1e-3, \"log\": true}, \"lora_r\": [8, 16]}", "sweep")
 
     # --- enhanced evaluation -----------------------------------------------------------------
     use_enhanced_eval: bool = P(False, "Compute extra evaluation metrics", "eval")

@@ -57,6 +57,7 @@ def never_stops_model(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # one tiny SFT run with three generating evaluations (~30-70 s on a loaded machine)
 def test_enhanced_eval_tensorboard_and_post_check_in_one_run(never_stops_model, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -103,6 +104,11 @@ def test_enhanced_eval_tensorboard_and_post_check_in_one_run(never_stops_model, 
     assert len(status["post_check"]["warnings"]) == 1 and "did not stop" in status["post_check"]["warnings"][0]
     assert "WARNING aitraining: post-training check: 3 of 3 sample answers did not stop within 6 new tokens" \
         in (out / "running.log").read_text()
+
+    from webui.tabs.runs import samples_view  # what the runs tab shows for this run
+
+    frame, note = samples_view(str(out))
+    assert list(frame["reference"]) == [a for _, a in QA[:3]] and "did not stop" in note
 
     # TensorBoard: read the event files back
     acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})

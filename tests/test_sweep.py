@@ -58,6 +58,12 @@ def test_sweep_runs_trials_picks_the_best_and_resumes(tiny_model_dir, tmp_path):
     assert not best.use_sweep and best.project_name == str(out / "best")
     status = read_status(out)
     assert status["state"] == "finished" and status["metrics"]["best_trial"] == int(best_row["trial"])
+    # the web UI's runs tab shows the same table and names the best trial and best.yaml
+    from webui.tabs.runs import sweep_view
+
+    frame, line = sweep_view(str(out))
+    assert list(frame["trial"]) == [0, 1, 2]
+    assert f"Best trial {best_row['trial']}" in line and str(out / "best.yaml") in line
     progress, _ = read_log(out / "trainer_log.jsonl")
     assert [r["step"] for r in progress] == [1, 2, 3] and progress[-1]["percentage"] == 100.0
 

@@ -111,6 +111,7 @@ def test_enhanced_eval_tensorboard_and_post_check_in_one_run(never_stops_model, 
     assert list(frame["reference"]) == [a for _, a in QA[:3]] and "did not stop" in note
 
     # TensorBoard: read the event files back
+    assert not (out / "runs").exists()  # everything in one place
     acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
@@ -121,6 +122,7 @@ def test_enhanced_eval_tensorboard_and_post_check_in_one_run(never_stops_model, 
     logged = [r["loss"] for r in records if r.get("loss") is not None]
     assert train_loss == pytest.approx(logged, rel=1e-4)
     assert [e.value for e in acc.Scalars("eval/bleu")][-1] == pytest.approx(enhanced[-1]["eval_bleu"], rel=1e-4)
+    assert len(acc.Scalars("eval/loss")) == 3  # two epochs and the final evaluation
     assert all(e.value > 10 for e in acc.Scalars("memory/rss_mb"))  # MB of a live Python process
     texts = acc.Tags()["tensors"]
     assert any(t.startswith("samples") for t in texts), texts

@@ -281,7 +281,9 @@ def add_callbacks(trainer, params: LLMTrainingParams, run_dir: Path, tokenizer, 
         from core.tracking import TrackingCallback
 
         tracking = TrackingCallback(run_dir)
-        trainer.add_callback(TensorBoardCallback(tb_writer=tracking._writer()))
+        hf_tb = TensorBoardCallback(tb_writer=tracking._writer())
+        hf_tb.logging_dir = str(tracking.dir)  # it reopens a writer after train end (final evaluate): same dir
+        trainer.add_callback(hf_tb)
         trainer.add_callback(tracking)
     for cb in TRIAL_CALLBACKS:
         trainer.add_callback(cb)

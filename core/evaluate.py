@@ -225,8 +225,8 @@ def make_enhanced_eval_callback(params, run_dir: Path, tokenizer, chat_template:
     names = parse_metrics(params.eval_metrics)
     _, eval_records = _records(params)
     if not eval_records:
-        log.warning("--use-enhanced-eval: no validation data (--valid-split / --val-size); only the "
-                    "final perplexity of the training data is not computed either")
+        log.warning("--use-enhanced-eval: no validation conversations to generate on (--valid-split / "
+                    "--val-size); skipped")
         return None
     run_dir = Path(run_dir)
 

@@ -263,15 +263,57 @@ def cmd_export(argv: Sequence[str]) -> int:
     return 0
 
 
+def eval_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="aitraining eval", allow_abbrev=False,
+        description="Generate answers for a dataset's prompts with a model (and adapter), score them "
+                    "against the dataset's answers, and write predictions.jsonl and eval_results.json.")
+    p.add_argument("--model", help="base model (directory, hub id, packaged id); optional with --adapter")
+    p.add_argument("--adapter", help="a LoRA run directory or adapter folder")
+    p.add_argument("--data-path", required=True, help="dataset name, directory or file (as for training)")
+    p.add_argument("--split", default="train", help="split file inside a --data-path directory (default train)")
+    p.add_argument("--dataset-dir", help="directory of dataset_info.json (default: the built-in data/)")
+    p.add_argument("--chat-template", help="template name (default: the run's / the model's own)")
+    p.add_argument("--metrics", default="perplexity,bleu,rouge,accuracy",
+                   help="comma-separated: perplexity,bleu,rouge,accuracy (default: all)")
+    p.add_argument("--max-samples", type=int, help="evaluate the first N records only")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--output", help="output directory (default: <adapter>/eval, else ./eval)")
+    return p
+
+
+def cmd_eval(argv: Sequence[str]) -> int:
+    from pathlib import Path
+
+    from core.evaluate import run_eval
+
+    ns = eval_parser().parse_args(argv)
+    out = Path(ns.output) if ns.output else (Path(ns.adapter) / "eval" if ns.adapter and Path(ns.adapter).is_dir()
+                                             else Path("eval"))
+    result = run_eval(model=ns.model, adapter=ns.adapter, data_path=ns.data_path, output=out,
+                      metrics=ns.metrics, chat_template=ns.chat_template, split=ns.split,
+                      max_samples=ns.max_samples, max_new_tokens=ns.max_new_tokens,
+                      temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k, batch_size=ns.batch_size,
+                      seed=ns.seed, dataset_dir=ns.dataset_dir)
+    print(json.dumps(result["metrics"], indent=2))
+    print(f"{result['n_examples']} predictions: {out / 'predictions.jsonl'}; metrics: {out / 'eval_results.json'}")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     top = argparse.ArgumentParser(
         prog="aitraining", description="LLM fine-tuning studio: CLI over the training core.",
-        epilog="Commands: llm (train; see `aitraining llm --help`), webui (the web UI), export (merge, "
-               "shard, quantize, GGUF, push), api (OpenAI-compatible server). "
-               "`aitraining --config run.yaml` trains from a run file.")
+        epilog="Commands: llm (train; see `aitraining llm --help`), eval (score a model on a dataset), "
+               "webui (the web UI), export (merge, shard, quantize, GGUF, push), api (OpenAI-compatible "
+               "server), env (versions, devices). `aitraining --config run.yaml` trains from a run file.")
     top.add_argument("--config", help="Train from a run YAML (task/base_model/data/params/hub)")
-    top.add_argument("command", nargs="?", choices=["llm", "webui", "export", "api"])
+    top.add_argument("command", nargs="?", choices=["llm", "eval", "webui", "export", "api"])
     top.add_argument("rest", nargs=argparse.REMAINDER)
     try:
         if argv and argv[0] == "llm":
@@ -282,6 +324,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from core.serve import main as api_main
 
             return api_main(argv[1:])
+        if argv and argv[0] == "eval":
+            return cmd_eval(argv[1:])
         if argv and argv[0] == "webui":
             from webui.app import main as webui_main  # noqa: WPS433 (optional, later issue)
 

@@ -235,14 +235,23 @@ class LLMTrainingParams(BaseModel):
     sweep_n_trials: int = P(10, "Number of sweep trials", "sweep", ge=1)
     sweep_metric: str = P("eval_loss", "Metric to optimize", "sweep")
     sweep_direction: Literal["minimize", "maximize"] = P("minimize", "Optimization direction", "sweep")
-    sweep_params: Optional[str] = P(None, "Search space as JSON, e.g. "
-                                    "{\"lr\": {\"low\": 1e-5, \"high\": 1e-3, \"type\": \"float\"}}", "sweep")
+    sweep_params: Optional[str] = P(None, "Search space as JSON or YAML (or a .json/.yaml file): a range or "
+                                    "a list of choices per parameter, e.g. {\"lr\": {\"low\": 1e-5, \"high\": "
+                                    "1e-3, \"log\": true}, \"lora_r\": [8, 16]}", "sweep")
 
     # --- enhanced evaluation -----------------------------------------------------------------
     use_enhanced_eval: bool = P(False, "Compute extra evaluation metrics", "eval")
     eval_metrics: str = P("perplexity", "Comma-separated metrics: perplexity,bleu,rouge,accuracy", "eval")
     eval_save_predictions: bool = P(False, "Save generated predictions during evaluation", "eval")
     eval_batch_size: int = P(8, "Evaluation batch size", "eval", ge=1)
+    eval_max_new_tokens: int = P(128, "Max new tokens per generated answer (enhanced eval and the "
+                                 "post-training check)", "eval", ge=1)
+    post_train_check: bool = P(True, "After SFT, generate on a few validation prompts into samples.jsonl and "
+                               "warn when answers do not stop or the saved chat template differs", "eval")
+    curriculum: Optional[str] = P(None, "Curriculum learning: order training examples easy to hard by "
+                                  "'length' (tokens) or a numeric data column", "data")
+    curriculum_epochs: int = P(1, "Epochs in curriculum order (easy to hard); later epochs are shuffled",
+                               "data", ge=1)
 
     # ------------------------------------------------------------------------------------------
     @model_validator(mode="before")
@@ -287,10 +296,14 @@ class LLMTrainingParams(BaseModel):
     @classmethod
     def _json_space(cls, v: Optional[str]) -> Optional[str]:
         if v:
+            from core.sweep import parse_space
+
+            from core.errors import ConfigError
+
             try:
-                json.loads(v)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"sweep_params is not valid JSON ({e.msg})") from None
+                parse_space(v)  # JSON or YAML text, or a .json/.yaml file; errors name the bad entry
+            except ConfigError as e:
+                raise ValueError(str(e)) from None
         return v
 
     @model_validator(mode="after")

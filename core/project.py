@@ -40,8 +40,7 @@ class Project:
         p = self.params
         # Options whose machinery has not landed yet are refused, never silently ignored.
         pending = {"--distributed-backend deepspeed":
-                   p.distributed_backend == "deepspeed", "--use-sweep": p.use_sweep,
-                   "--use-enhanced-eval": p.use_enhanced_eval}
+                   p.distributed_backend == "deepspeed"}
         for flag, asked in pending.items():
             if asked:
                 raise ConfigError(f"{flag} is not available in this version yet; drop it (the run itself "
@@ -49,6 +48,17 @@ class Project:
         if p.push_to_hub and p.token is None and not os.environ.get("HF_TOKEN"):
             raise ConfigError("--push-to-hub needs a token: pass --token or set HF_TOKEN (a write token "
                               "from https://huggingface.co/settings/tokens)")
+        if p.use_enhanced_eval:
+            from core.evaluate import parse_metrics
+
+            parse_metrics(p.eval_metrics)
+        if p.curriculum and p.stage != "sft":
+            raise ConfigError(f"--curriculum orders SFT examples; --trainer {p.trainer} does not use it. "
+                              "Drop --curriculum or use --trainer sft")
+        if p.use_sweep:
+            from core.sweep import check
+
+            check(p)
         # Cheapest first: model paths and their config.json (no torch), then the data (a malformed
         # record is reported in seconds, with its file and record number, instead of after the model
         # has loaded in the child process), then tokenizers and the chat template (transformers).

@@ -25,23 +25,24 @@ log = logging.getLogger("aitraining")
 FILE_ONLY = {"file_only": True}  # logging extra: running.log only (tracebacks), not the console
 
 
-def _setup_logging(run_dir: Path) -> list[tuple[logging.Logger, logging.Handler]]:
+def _setup_logging(run_dir: Path, console: bool = True) -> list[tuple[logging.Logger, logging.Handler]]:
     fmt = RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
     handler = logging.FileHandler(run_dir / "running.log", encoding="utf-8")
     handler.setFormatter(fmt)
-    console = logging.StreamHandler(sys.stderr)
-    console.setFormatter(RedactingFormatter("%(levelname)s %(message)s"))
-    console.addFilter(lambda record: not getattr(record, "file_only", False))
+    console_handler = logging.StreamHandler(sys.stderr)
+    console_handler.setFormatter(RedactingFormatter("%(levelname)s %(message)s"))
+    console_handler.addFilter(lambda record: not getattr(record, "file_only", False))
     added = []
     for name in ("aitraining", "transformers", "peft", "trl", "datasets", "accelerate"):
         lg = logging.getLogger(name)
         lg.addHandler(handler)
         added.append((lg, handler))
         if name == "aitraining":
-            lg.addHandler(console)
-            added.append((lg, console))
             lg.setLevel(logging.INFO)
             lg.propagate = False
+            if console:
+                lg.addHandler(console_handler)
+                added.append((lg, console_handler))
     return added
 
 
@@ -52,8 +53,9 @@ def _on_stop_signal(signum, frame):
     log.warning("stop requested (%s): saving a checkpoint, then stopping", signal.Signals(signum).name)
 
 
-def train(params: LLMTrainingParams, run_dir: str | os.PathLike) -> int:
-    """Run one training job in this process; returns the exit code (0 finished or aborted)."""
+def train(params: LLMTrainingParams, run_dir: str | os.PathLike, *, console: bool = True) -> int:
+    """Run one training job in this process; returns the exit code (0 finished or aborted).
+    console=False: a sweep trial inside a run whose own handlers already print to the console."""
     from core.stages import STAGES
 
     run_dir = Path(run_dir)
@@ -62,7 +64,7 @@ def train(params: LLMTrainingParams, run_dir: str | os.PathLike) -> int:
     config_path = run_dir / "config.yaml"
     if not config_path.exists():
         config_io.save(params, config_path)
-    handlers = _setup_logging(run_dir)
+    handlers = _setup_logging(run_dir, console)
     if int(os.environ.get("RANK", "0")) == 0:  # one process of a distributed run tidies up
         checkpoints.clean(run_dir)  # partial checkpoints and temp files of a killed earlier process
     STOP.clear()
@@ -72,7 +74,12 @@ def train(params: LLMTrainingParams, run_dir: str | os.PathLike) -> int:
                  reason=None, step=None)
     try:
         log.info("run %s: trainer %s, model %s, data %s", run_dir, params.trainer, params.model, params.data_path)
-        metrics = STAGES[params.stage].runner()(params, run_dir)
+        if params.use_sweep:
+            from core.sweep import run_sweep
+
+            metrics = run_sweep(params, run_dir)
+        else:
+            metrics = STAGES[params.stage].runner()(params, run_dir)
     except UserError as e:
         log.error("%s", e)
         write_status(run_dir, "failed", reason="input", error=str(e))

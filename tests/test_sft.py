@@ -191,7 +191,7 @@ def test_config_file_replays_with_eval_and_tensorboard(tiny_model_dir, tmp_path)
     assert (out / "config.yaml").read_text() == run_file.read_text()  # the run replays byte for byte
 
 
-@pytest.mark.parametrize("kw,flag", [({"use_sweep": True}, "--use-sweep"), ({"use_enhanced_eval": True}, "--use-enhanced-eval"),
+@pytest.mark.parametrize("kw,flag", [
                                      ({"distributed_backend": "deepspeed"}, "--distributed-backend deepspeed")])
 def test_options_not_built_yet_are_refused_not_ignored(kw, flag, tiny_model_dir, tmp_path):
     from core.errors import ConfigError

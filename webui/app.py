@@ -99,7 +99,7 @@ def build_app(runs_root: str | os.PathLike = "runs", lang: str = "en",
               data_dir: str | os.PathLike = DATA_DIR, max_upload_mb: int = 50) -> gr.Blocks:
     from gradio.utils import get_upload_folder
 
-    from webui.tabs import chat, datasets, export, runs, train
+    from webui.tabs import chat, datasets, evaluate, export, runs, train
 
     runs_root = Path(runs_root).resolve()
     runs_root.mkdir(parents=True, exist_ok=True)
@@ -127,6 +127,8 @@ def build_app(runs_root: str | os.PathLike = "runs", lang: str = "en",
                 train.build(ui)
             with ui.text(gr.Tab("Datasets", id="datasets", elem_id="tab-datasets"), "tab_datasets"):
                 datasets.build(ui, ui.data_dir)
+            with ui.text(gr.Tab("Evaluate & Predict", id="eval", elem_id="tab-eval"), "tab_eval"):
+                evaluate.build(ui)
             with ui.text(gr.Tab("Chat", id="chat", elem_id="tab-chat"), "tab_chat"):
                 chat.build(ui)
             with ui.text(gr.Tab("Export", id="export", elem_id="tab-export"), "tab_export"):

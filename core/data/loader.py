@@ -285,6 +285,16 @@ def _sample(rows, num, seed):
     return [rows[i] for i in sorted(idx[:num])]
 
 
+def _difficulty(row: dict, column: str, file, n) -> float:
+    value = row.get(column) if isinstance(row, dict) else None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise DataError(str(file), f"--curriculum {column}: the value {value!r} is not a number",
+                        record=n, field=column, fix=f"give every record a numeric '{column}', or use "
+                        "--curriculum length") from None
+
+
 def _load_source(src: _Source, kind, flags, mapping, auto_convert, max_samples, seed, data_dir):
     spec, convert_kind = None, kind
     if src.entry is not None:
@@ -303,9 +313,13 @@ def _load_source(src: _Source, kind, flags, mapping, auto_convert, max_samples, 
             rows = rows[:max(0, max_samples - len(records))]
         file_spec = spec or _file_spec(rows[0][1], rows[0][0], file, kind, flags, mapping, auto_convert)
         try:
-            records += formats.convert_rows(rows, kind=convert_kind, file=str(file), **file_spec)
+            converted = formats.convert_rows(rows, kind=convert_kind, file=str(file), **file_spec)
         except DataError as e:
             raise _mixed_formats(e, rows, file) from None
+        if flags.get("difficulty_column"):  # --curriculum <column>: carry the row's difficulty along
+            for (n, row), rec in zip(rows, converted):
+                rec["difficulty"] = _difficulty(row, flags["difficulty_column"], file, n)
+        records += converted
         if max_samples and len(records) >= max_samples:
             break
     return records
@@ -367,7 +381,8 @@ def split_eval(records: list, val_size, seed: int = 42):
 def load_data(data_path, *, kind="sft", split="train", valid_split=None, val_size=0.0,
               max_samples=None, text_column="text", prompt_text_column=None,
               rejected_text_column=None, column_mapping=None, auto_convert=False,
-              data_dir=DATA_DIR, seed=42, placeholders=None) -> tuple[list[dict], list[dict] | None]:
+              data_dir=DATA_DIR, seed=42, placeholders=None,
+              difficulty_column=None) -> tuple[list[dict], list[dict] | None]:
     """Load, validate and convert data -> (train records, eval records or None).
 
     kind: sft | text | preference | kto (a trainer name such as dpo is mapped to its kind).
@@ -381,7 +396,7 @@ def load_data(data_path, *, kind="sft", split="train", valid_split=None, val_siz
     if valid_split and val_size:
         raise ConfigError("give either --valid-split or val_size, not both")
     flags = {"text_column": text_column or "text", "prompt_text_column": prompt_text_column,
-             "rejected_text_column": rejected_text_column}
+             "rejected_text_column": rejected_text_column, "difficulty_column": difficulty_column}
     mapping = {}
     for key, value in (column_mapping or {}).items():
         if key in MAPPING_FLAGS:
@@ -431,4 +446,5 @@ def load_for_params(params, kind: str):
         column_mapping=params.column_mapping, auto_convert=params.auto_convert_dataset,
         data_dir=Path(params.dataset_dir) if params.dataset_dir else DATA_DIR, seed=params.seed,
         placeholders={"name": params.identity_name, "author": params.identity_author},
+        difficulty_column=params.curriculum if params.curriculum not in (None, "length") else None,
     )

@@ -133,19 +133,22 @@ def logging_steps(params: LLMTrainingParams, n_train: int) -> int:
 
 
 def report_to(params: LLMTrainingParams) -> list[str]:
+    """The trackers asked for. For HF/TRL trainers training_args drops tensorboard: train_and_save
+    adds its callback with our writer so everything lands in <run>/tensorboard (core/tracking.py)."""
     import importlib.util
-    import os
 
     if params.log == "none":
         return []
-    if params.log == "wandb":
-        if importlib.util.find_spec("wandb") is None:
-            log.warning("--log wandb: the wandb package is not installed (pip install wandb); "
-                        "continuing without experiment tracking")
-            return []
-        os.environ.setdefault("WANDB_MODE", "offline" if os.environ.get("HF_HUB_OFFLINE") else "online")
-        return ["wandb"]
-    return ["tensorboard"]
+    if params.log == "tensorboard":
+        return ["tensorboard"]
+    if importlib.util.find_spec("wandb") is None:
+        log.warning("--log wandb: the wandb package is not installed (pip install wandb); "
+                    "continuing without experiment tracking")
+        return []
+    from core.tracking import configure_wandb
+
+    configure_wandb(params)
+    return ["wandb"]
 
 
 def training_args(params: LLMTrainingParams, run_dir: Path, *, n_train: int, has_eval: bool, dtype,
@@ -182,7 +185,7 @@ def training_args(params: LLMTrainingParams, run_dir: Path, *, n_train: int, has
         auto_find_batch_size=params.auto_find_batch_size,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
-        report_to=report_to(params),
+        report_to=[r for r in report_to(params) if r != "tensorboard"],
         include_num_input_tokens_seen="non_padding",
         ddp_find_unused_parameters=False,
         remove_unused_columns=False,
@@ -233,20 +236,94 @@ def train_and_save(trainer, params: LLMTrainingParams, run_dir: Path, tokenizer,
     from core.model.export import save_trained
     from core.templates import attach_template
 
-    result = trainer.train(resume_from_checkpoint=resume_path(params, run_dir))
-    metrics = dict(result.metrics)
-    if STOP.is_set():
+    tracking = add_callbacks(trainer, params, run_dir, tokenizer, template, has_eval=has_eval)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_path(params, run_dir))
+        metrics = dict(result.metrics)
+        if STOP.is_set():
+            return metrics
+        if has_eval:
+            metrics.update(trainer.evaluate())
+        if template is not None:
+            attach_template(tokenizer, template)  # chat later uses exactly what was trained
+        if save is not None:
+            save(trainer)
+        else:
+            save_trained(trainer.model, tokenizer, run_dir, merge_adapter=params.merge_adapter)
+        if params.post_train_check and params.stage in ("sft", "distillation"):
+            metrics.update(after_sft(trainer, params, run_dir, tokenizer, template, tracking))
+        write_model_card(params, run_dir, metrics)
         return metrics
-    if has_eval:
-        metrics.update(trainer.evaluate())
-    if template is not None:
-        attach_template(tokenizer, template)  # chat later uses exactly what was trained
-    if save is not None:
-        save(trainer)
-    else:
-        save_trained(trainer.model, tokenizer, run_dir, merge_adapter=params.merge_adapter)
-    write_model_card(params, run_dir, metrics)
-    return metrics
+    finally:
+        if tracking is not None:
+            tracking.close()
+
+
+def add_callbacks(trainer, params: LLMTrainingParams, run_dir: Path, tokenizer, template, *, has_eval: bool):
+    """--use-enhanced-eval, --log tensorboard and a sweep trial's pruning hook; returns the
+    TensorBoard tracking callback (or None). The order matters: enhanced metrics are computed
+    in on_evaluate before the tracker and the sweep read them."""
+    if params.use_enhanced_eval and params.stage in ("sft", "distillation") and has_eval:
+        from core.evaluate import make_enhanced_eval_callback
+
+        cb = make_enhanced_eval_callback(params, run_dir, tokenizer, template)
+        if cb is not None:
+            trainer.add_callback(cb)
+    elif params.use_enhanced_eval and not has_eval:
+        log.warning("--use-enhanced-eval needs validation data (--valid-split or --val-size); skipped")
+    elif params.use_enhanced_eval:
+        trainer.add_callback(_perplexity_only())
+    tracking = None
+    if params.log == "tensorboard":
+        from transformers.integrations import TensorBoardCallback
+
+        from core.tracking import TrackingCallback
+
+        tracking = TrackingCallback(run_dir)
+        hf_tb = TensorBoardCallback(tb_writer=tracking._writer())
+        hf_tb.logging_dir = str(tracking.dir)  # it reopens a writer after train end (final evaluate): same dir
+        trainer.add_callback(hf_tb)
+        trainer.add_callback(tracking)
+    for cb in TRIAL_CALLBACKS:
+        trainer.add_callback(cb)
+    return tracking
+
+
+# Callbacks a sweep adds to the trial it runs in this process (core/sweep.py sets and clears it).
+TRIAL_CALLBACKS: list = []
+
+
+def _perplexity_only():
+    """Enhanced eval for stages without generation: perplexity from the eval loss."""
+    from transformers import TrainerCallback
+
+    from core.evaluate import perplexity
+
+    class PerplexityCallback(TrainerCallback):
+        def on_evaluate(self, args, state, control, metrics=None, **kw):
+            if metrics and metrics.get("eval_loss") is not None:
+                metrics["eval_perplexity"] = perplexity(metrics["eval_loss"])
+
+    return PerplexityCallback()
+
+
+def after_sft(trainer, params: LLMTrainingParams, run_dir: Path, tokenizer, template, tracking) -> dict:
+    """The post-training check (core/evaluate.py): samples.jsonl, warnings in the log and status."""
+    from core.evaluate import SAMPLES_FILE, post_train_check
+    from core.events import write_status
+
+    try:
+        findings = post_train_check(params, run_dir, trainer.model, tokenizer, template)
+    except Exception as e:  # the model is saved: a failing check must not fail the run
+        log.warning("post-training check could not run: %s: %s", type(e).__name__, e)
+        return {}
+    write_status(run_dir, post_check=findings)
+    if tracking is not None:
+        import json
+
+        rows = [json.loads(x) for x in (run_dir / SAMPLES_FILE).read_text(encoding="utf-8").splitlines() if x]
+        tracking.add_samples(rows, trainer.state.global_step)
+    return {"post_check_warnings": len(findings["warnings"])}
 
 
 def write_model_card(params: LLMTrainingParams, run_dir: Path, metrics: dict) -> None:

@@ -27,7 +27,15 @@ def build_trainer(params: LLMTrainingParams, run_dir: Path):
     opts = dict(cutoff_len=common.cutoff_len(params, config), train_on_prompt=params.train_on_prompt,
                 source=params.data_path,
                 mask_history=params.mask_history, add_eos_token=params.add_eos_token)
+    if params.curriculum:
+        from core import curriculum
+
+        train_records = curriculum.sort_records(train_records, params.curriculum)
     train_ds = tokenize_dataset(tokenizer, train_records, template, **opts)
+    if params.curriculum:
+        train_ds = curriculum.sort_dataset(train_ds, params.curriculum)
+        log.info("curriculum: %d examples easy -> hard by %s for %d epoch(s), then shuffled", len(train_ds),
+                 params.curriculum, params.curriculum_epochs)
     eval_ds = tokenize_dataset(tokenizer, eval_records, template, **opts) if eval_records else None
     log.info("data: %d training and %d validation examples, cutoff %d tokens", len(train_ds),
              len(eval_ds) if eval_ds is not None else 0, opts["cutoff_len"])
@@ -35,7 +43,13 @@ def build_trainer(params: LLMTrainingParams, run_dir: Path):
     model, dtype = common.load_trainable_model(params, path)
     args = common.training_args(params, run_dir, n_train=len(train_ds), has_eval=eval_ds is not None,
                                 dtype=dtype)
-    trainer = Trainer(
+    trainer_class = Trainer
+    if params.curriculum:
+        from core.curriculum import CurriculumTrainer
+
+        trainer_class = type("SFTCurriculumTrainer", (CurriculumTrainer,),
+                             {"curriculum_epochs": params.curriculum_epochs})
+    trainer = trainer_class(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
         data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True),
         processing_class=tokenizer, callbacks=[RunLogCallback(run_dir, "sft")],

@@ -2,7 +2,10 @@
 watch its log and curve, or load its settings into the form."""
 from __future__ import annotations
 
+import html
+import json
 import time
+from pathlib import Path
 
 import gradio as gr
 import pandas as pd
@@ -22,6 +25,36 @@ def runs_frame(root) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
+def sweep_view(run, lang: str = "en") -> tuple[pd.DataFrame, str]:
+    """A sweep directory's trials table and a line on its best trial ('' when not a sweep)."""
+    from core.sweep import BEST_FILE, read_trials
+    from webui.i18n import t
+
+    doc = read_trials(run) if run else None
+    if not doc:
+        return pd.DataFrame(), ""
+    frame = pd.DataFrame(doc["trials"])
+    best = next((r for r in doc["trials"] if r.get("best")), None)
+    if best is None:
+        return frame, ""
+    params = {k: v for k, v in best.items() if k not in ("trial", "state", doc["metric"], "seconds", "best", "run")}
+    return frame, t("sweep_best", lang, trial=best["trial"], metric=doc["metric"], value=best[doc["metric"]],
+                    params=json.dumps(params), run=best["run"], yaml=str(Path(run) / BEST_FILE))
+
+
+def samples_view(run) -> tuple[pd.DataFrame, str]:
+    """The post-training check of a run: its samples.jsonl and the warnings from status.json."""
+    from core.evaluate import SAMPLES_FILE
+    from core.events import read_status
+
+    if not run or not (Path(run) / SAMPLES_FILE).is_file():
+        return pd.DataFrame(), ""
+    rows = [json.loads(x) for x in (Path(run) / SAMPLES_FILE).read_text(encoding="utf-8").splitlines() if x.strip()]
+    warnings = (read_status(run).get("post_check") or {}).get("warnings") or []
+    note = "".join(f"<div class='error-box'>{html.escape(w)}</div>" for w in warnings)
+    return pd.DataFrame(rows, columns=["prompt", "prediction", "reference", "stopped", "new_tokens"]), note
+
+
 def build(ui) -> None:
     table = ui.text(gr.Dataframe(value=runs_frame(ui.runs_root), interactive=False, elem_id="runs-table"),
                     "runs_table")
@@ -36,6 +69,20 @@ def build(ui) -> None:
         return frame, gr.update(choices=list(frame["run"]))
 
     refresh.click(do_refresh, None, [table, pick])
+    with gr.Row():
+        with gr.Column():
+            trials = ui.text(gr.Dataframe(interactive=False, elem_id="sweep-trials"), "sweep_trials")
+            best = gr.Markdown(elem_id="sweep-best")
+        with gr.Column():
+            samples = ui.text(gr.Dataframe(interactive=False, wrap=True, elem_id="run-samples"), "run_samples")
+            check = gr.HTML(elem_id="run-check")
+
+    def details(run):
+        frame, best_line = sweep_view(run, ui.lang)
+        rows, note = samples_view(run)
+        return frame, best_line, rows, note
+
+    pick.change(details, pick, [trials, best, samples, check])
 
     # Opening a run: the monitor follows it and the form shows its settings.
     on_load, inputs = ui.extra["on_load"]

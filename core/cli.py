@@ -4,6 +4,7 @@
     aitraining llm --trainer dpo --help        # the groups that trainer uses
     aitraining --config run.yaml               # replay a run file (seed 004 shape)
     aitraining llm --train --config run.yaml --lr 1e-4   # a run file plus overrides
+    aitraining env                              # versions, devices, accelerate env
 
 User errors print one paragraph and exit 2; no traceback.
 """
@@ -173,10 +174,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     top = argparse.ArgumentParser(
         prog="aitraining", description="LLM fine-tuning studio: CLI over the training core.",
-        epilog="Commands: llm (train; see `aitraining llm --help`), webui (the web UI). "
+        epilog="Commands: llm (train; see `aitraining llm --help`), webui (the web UI), env (versions, "
+               "devices and the accelerate environment, for bug reports). "
                "`aitraining --config run.yaml` trains from a run file.")
     top.add_argument("--config", help="Train from a run YAML (task/base_model/data/params/hub)")
-    top.add_argument("command", nargs="?", choices=["llm", "webui"])
+    top.add_argument("command", nargs="?", choices=["llm", "webui", "env"])
     top.add_argument("rest", nargs=argparse.REMAINDER)
     try:
         if argv and argv[0] == "llm":
@@ -185,6 +187,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from webui.app import main as webui_main  # noqa: WPS433 (optional, later issue)
 
             return webui_main(argv[1:])
+        if argv and argv[0] == "env":
+            from core.launch import env_report
+
+            print(env_report())
+            return 0
         ns = top.parse_args(argv)
         if ns.config:
             return cmd_llm(["--train", "--config", ns.config, *ns.rest])

@@ -8,12 +8,15 @@ default, as the CLI and the web UI do) or in this process (process=False). Retur
 """
 from __future__ import annotations
 
+import collections
 import subprocess
+import sys
+import threading
 from pathlib import Path
 
 from core import config_io
 from core.errors import ConfigError
-from core.launch import build_command, build_env
+from core import launch
 from core.params import LLMTrainingParams
 
 
@@ -35,8 +38,7 @@ class Project:
         from core.stages import STAGES
         p = self.params
         # Options whose machinery has not landed yet are refused, never silently ignored.
-        pending = {"--distributed-backend deepspeed":
-                   p.distributed_backend == "deepspeed", "--use-sweep": p.use_sweep,
+        pending = {"--use-sweep": p.use_sweep,
                    "--use-enhanced-eval": p.use_enhanced_eval, "--push-to-hub": p.push_to_hub}
         for flag, asked in pending.items():
             if asked:
@@ -58,11 +60,33 @@ class Project:
             from core.run import train
 
             return train(self.params, self.run_dir)
-        child = subprocess.Popen(build_command(self.params, path), env=build_env(self.params))
+        cmd, env = launch.prepare(self.params, path)
+        several = launch.is_multi_process(cmd)
+        # Several processes: the launcher's failure report (which rank died, why) is read from
+        # its stderr, which is passed through to the terminal as it comes.
+        child = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE if several else None)
+        tail: collections.deque = collections.deque(maxlen=400)
+        copier = None
+        if several:
+            copier = threading.Thread(target=_copy_lines, args=(child.stderr, tail), daemon=True)
+            copier.start()
         while True:
             try:
-                return child.wait()
+                code = child.wait()
+                break
             except KeyboardInterrupt:
                 # Ctrl+C reached the child too: it saves a checkpoint and exits; wait for it
                 # instead of killing it mid-save (a second Ctrl+C during the wait does the same).
                 print("Interrupted: the run is saving a checkpoint before it stops...", flush=True)
+        if copier is not None:
+            copier.join(timeout=5)
+        launch.finish(self.run_dir, code, "".join(tail))
+        return code
+
+
+def _copy_lines(stream, tail) -> None:
+    for raw in iter(stream.readline, b""):
+        line = raw.decode("utf-8", errors="replace")
+        tail.append(line)
+        sys.stderr.write(line)
+        sys.stderr.flush()

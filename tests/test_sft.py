@@ -192,8 +192,7 @@ def test_config_file_replays_with_eval_and_tensorboard(tiny_model_dir, tmp_path)
 
 
 @pytest.mark.parametrize("kw,flag", [({"use_sweep": True}, "--use-sweep"), ({"push_to_hub": True, "username": "me"},
-                                      "--push-to-hub"), ({"use_enhanced_eval": True}, "--use-enhanced-eval"),
-                                     ({"distributed_backend": "deepspeed"}, "--distributed-backend deepspeed")])
+                                      "--push-to-hub"), ({"use_enhanced_eval": True}, "--use-enhanced-eval")])
 def test_options_not_built_yet_are_refused_not_ignored(kw, flag, tiny_model_dir, tmp_path):
     from core.errors import ConfigError
 

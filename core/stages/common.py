@@ -241,12 +241,30 @@ def train_and_save(trainer, params: LLMTrainingParams, run_dir: Path, tokenizer,
         metrics.update(trainer.evaluate())
     if template is not None:
         attach_template(tokenizer, template)  # chat later uses exactly what was trained
-    if save is not None:
-        save(trainer)
-    else:
-        save_trained(trainer.model, tokenizer, run_dir, merge_adapter=params.merge_adapter)
-    write_model_card(params, run_dir, metrics)
+    acc = trainer.accelerator
+    state_dict = None
+    if is_sharded(trainer):
+        # ZeRO-3 / FSDP: each rank holds a shard; every rank takes part in gathering them
+        state_dict = acc.get_state_dict(trainer.deepspeed if trainer.is_deepspeed_enabled else trainer.model)
+    if acc.is_main_process:  # one writer for the run directory
+        if save is not None:
+            save(trainer, state_dict=state_dict) if state_dict is not None else save(trainer)
+        else:
+            save_trained(acc.unwrap_model(trainer.model), tokenizer, run_dir, merge_adapter=params.merge_adapter,
+                         state_dict=state_dict)
+        write_model_card(params, run_dir, metrics)
+    acc.wait_for_everyone()
     return metrics
+
+
+def is_sharded(trainer) -> bool:
+    """True when no rank holds the whole model: DeepSpeed ZeRO-3 or FSDP."""
+    if trainer.is_fsdp_enabled:
+        return True
+    if trainer.is_deepspeed_enabled:
+        plugin = trainer.accelerator.state.deepspeed_plugin
+        return plugin.zero_stage == 3
+    return False
 
 
 def write_model_card(params: LLMTrainingParams, run_dir: Path, metrics: dict) -> None:

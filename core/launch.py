@@ -251,7 +251,9 @@ def finish(run_dir: str | os.PathLike, returncode: int, output: str = "") -> Non
     if code == 0 or status.get("state") == "aborted":
         return
     why = f"signal {-code}" if code < 0 else f"exit code {code}"
-    message = (f"rank {rank} failed ({why}: {reason}); the launcher stopped the other ranks")
+    if reason and not reason.startswith("To enable traceback"):  # torch's placeholder says nothing
+        why += f": {reason}"
+    message = f"rank {rank} failed ({why}); the launcher stopped the other ranks"
     earlier = status.get("error") if status.get("state") == "failed" else None
     if earlier and f"rank {rank} failed" not in earlier:
         message += f". Rank 0 reported: {earlier}"

@@ -199,7 +199,8 @@ def test_env_command_prints_versions_devices_and_accelerate_env():
 def _params(tiny_model_dir, data, out, **kw) -> LLMTrainingParams:
     base = dict(model=str(tiny_model_dir), data_path=str(data), project_name=str(out), chat_template="chatml",
                 epochs=1, batch_size=2, gradient_accumulation=1, lr=2e-3, log="none", logging_steps=1,
-                save_strategy="no", seed=7, warmup_ratio=0.0, merge_adapter=False)
+                save_strategy="no", seed=7, warmup_ratio=0.0, merge_adapter=False,
+                lora_dropout=0.0)  # dropout masks differ between ranks and one process
     base.update(kw)
     return LLMTrainingParams(**base)
 
@@ -257,7 +258,6 @@ def test_two_process_ddp_shards_data_and_matches_one_process(method, tiny_model_
 
     # one process with the same global batch ends with the same weights
     single = _single_process(p, tmp_path / "single")
-    moved = 0
     for n, w in r0["weights"].items():
         key = n if n in single else n.replace("module.", "")
         torch.testing.assert_close(w, single[key], atol=2e-4, rtol=1e-3, msg=n)
@@ -270,22 +270,26 @@ def test_two_process_ddp_shards_data_and_matches_one_process(method, tiny_model_
     assert "Accelerate` version" in (run / "accelerate_env.txt").read_text()
 
     # the saved model reloads and holds what the ranks held
-    from core.model.loader import load_model
+    _assert_saved_equals(run, tiny_model_dir, method, r0["weights"])
+
+
+def _assert_saved_equals(run: Path, base_dir: Path, method: str, weights: dict) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
 
     if method == "lora":
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM
+        from safetensors.torch import load_file
 
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), run)
+        assert load_file(run / "adapter_model.safetensors"), "empty adapter file"
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), run)
     else:
-        model = load_model(run, dtype=torch.float32)
-    saved = dict(model.named_parameters())
-    for n, w in r0["weights"].items():
-        key = n if n in saved else n.replace(".default.", ".")
-        key = key if key in saved else next(k for k in saved if k.endswith(n.split(".", 1)[-1]))
+        model = AutoModelForCausalLM.from_pretrained(run)
+    saved = {n.replace(".default.", "."): w for n, w in model.named_parameters()}
+    assert weights
+    for n, w in weights.items():
+        key = n.replace(".default.", ".")
+        key = key if key in saved else next(k for k in saved if k.endswith(key.split(".", 2)[-1]))
         torch.testing.assert_close(saved[key].detach().float(), w, msg=n)
-        moved += 1
-    assert moved == len(r0["weights"])
 
 
 @pytest.mark.slow
@@ -304,25 +308,7 @@ def test_two_process_deepspeed_saves_a_model_that_reloads(stage, tiny_model_dir,
     r0, r1 = _probes(run)
     for n in r0["weights"]:
         torch.testing.assert_close(r0["weights"][n], r1["weights"][n], msg=n)
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    if method == "lora":
-        from safetensors.torch import load_file
-
-        assert load_file(run / "adapter_model.safetensors"), "empty adapter file"
-        model = PeftModel.from_pretrained(base, run)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(run)
-    saved = dict(model.named_parameters())
-    before = dict(base.named_parameters()) if method == "full" else {}
-    for n, w in r0["weights"].items():
-        key = n if n in saved else n.replace(".default.", ".")
-        key = key if key in saved else next(k for k in saved if k.endswith(n.split(".", 1)[-1]))
-        torch.testing.assert_close(saved[key].detach().float(), w, msg=n)
-    if method == "full":
-        assert any(not torch.equal(before[n], saved[n]) for n in before)
+    _assert_saved_equals(run, tiny_model_dir, method, r0["weights"])
 
 
 def _children_with_rank(pid: int) -> dict[int, int]:

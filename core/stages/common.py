@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -196,6 +197,9 @@ def training_args(params: LLMTrainingParams, run_dir: Path, *, n_train: int, has
         remove_unused_columns=False,
         save_only_model=False,
         dataloader_pin_memory=device_type() == "cuda",
+        # several CPU processes talk over gloo; naming it also lets accelerate count the ranks
+        # when DeepSpeed starts them (its state otherwise sees one process on a CPU)
+        ddp_backend="gloo" if device_type() == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
     )
     kw.update(overrides)
     return cls(**kw)

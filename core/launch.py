@@ -248,7 +248,7 @@ def finish(run_dir: str | os.PathLike, returncode: int, output: str = "") -> Non
                          "(killed?); see console output / running.log")
         return
     rank, code, reason = culprit
-    if code == 0 or status.get("state") == "aborted":
+    if code == 0:  # a stop request ends in a signal exception, not in this report
         return
     why = f"signal {-code}" if code < 0 else f"exit code {code}"
     if reason and not reason.startswith("To enable traceback"):  # torch's placeholder says nothing

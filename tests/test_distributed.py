@@ -356,6 +356,7 @@ def test_a_killed_rank_stops_the_whole_run_and_status_names_it(tiny_model_dir, t
     finally:
         if cli.poll() is None:
             cli.kill()
+    print(f"the run ended {took:.1f} s after rank 1 was killed")
     assert cli.returncode != 0
     assert took < 90
     assert not psutil.pid_exists(ranks[0]) or psutil.Process(ranks[0]).status() == psutil.STATUS_ZOMBIE

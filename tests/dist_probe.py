@@ -5,7 +5,7 @@
 Runs the real `core.run.main` (data, trainer, launcher, saving: nothing replaced). Two spies only
 watch: Trainer.compute_loss notes the samples of every batch this rank trained on, Trainer.train
 notes the rank's log history and the trainable weights it holds when training ends (gathered
-from the shards under ZeRO-3). Each rank writes <run>/probe-rank<N>.pt for the tests to compare.
+from the shards under ZeRO-3 and FSDP). Each rank writes <run>/probe-rank<N>.pt for the tests to compare.
 """
 import os
 import sys
@@ -35,7 +35,9 @@ def held_weights(trainer) -> dict:
 
         with deepspeed.zero.GatheredParameters([p for _, p in named]):
             return {n: p.detach().clone().float() for n, p in named}
-    return {n: p.detach().clone().float() for n, p in named}
+    # FSDP2 holds DTensor shards: full_tensor() gathers them (every rank takes part)
+    return {n.replace("_fsdp_wrapped_module.", ""): (p.full_tensor() if hasattr(p, "full_tensor") else p)
+            .detach().clone().float() for n, p in named}
 
 
 def train(self, *a, **kw):

@@ -286,6 +286,12 @@ def _assert_saved_equals(run: Path, base_dir: Path, method: str, weights: dict) 
         model = AutoModelForCausalLM.from_pretrained(run)
     saved = {n.replace(".default.", "."): w for n, w in model.named_parameters()}
     assert weights
+    # training moved the weights (LoRA B starts at zero; full starts from the base)
+    base = {n: w for n, w in AutoModelForCausalLM.from_pretrained(base_dir).named_parameters()}
+    if method == "lora":
+        assert any(w.abs().sum() > 0 for n, w in saved.items() if "lora_B" in n)
+    else:
+        assert sum(not torch.equal(base[n], saved[n]) for n in base) == len(base)
     for n, w in weights.items():
         key = n.replace(".default.", ".")
         key = key if key in saved else next(k for k in saved if k.endswith(key.split(".", 2)[-1]))
@@ -293,17 +299,19 @@ def _assert_saved_equals(run: Path, base_dir: Path, method: str, weights: dict) 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
-def test_two_process_deepspeed_saves_a_model_that_reloads(stage, tiny_model_dir, tmp_path):
-    pytest.importorskip("deepspeed")
+@pytest.mark.parametrize("backend,stage,method", [("deepspeed", 2, "full"), ("deepspeed", 3, "lora"),
+                                                  ("fsdp", 3, "full")])
+def test_two_process_sharded_run_saves_a_model_that_reloads(backend, stage, method, tiny_model_dir, tmp_path):
+    if backend == "deepspeed":
+        pytest.importorskip("deepspeed")
     data = write_alpaca(tmp_path / "t.jsonl", repeat=2)
-    method = "lora" if stage == 3 else "full"
-    p = _params(tiny_model_dir, data, tmp_path / "ds", num_processes=2, distributed_backend="deepspeed",
+    p = _params(tiny_model_dir, data, tmp_path / "ds", num_processes=2, distributed_backend=backend,
                 deepspeed_stage=stage, finetuning_type=method)
     proc = _launch_probe(p)
     assert proc.returncode == 0, proc.stderr[-4000:]
     run = tmp_path / "ds"
-    assert json.loads((run / "deepspeed_config.json").read_text())["zero_optimization"]["stage"] == stage
+    if backend == "deepspeed":
+        assert json.loads((run / "deepspeed_config.json").read_text())["zero_optimization"]["stage"] == stage
     assert read_status(run)["state"] == "finished"
     r0, r1 = _probes(run)
     for n in r0["weights"]:

@@ -161,7 +161,13 @@ def prepare(params: LLMTrainingParams, config_path: str | os.PathLike,
     """(argv, env) for a run, with the files the launcher reads written into the run directory."""
     from core.config_io import atomic_write
 
+    from core.errors import ConfigError
+
     gpus = visible_gpus(params)
+    per_machine = -(-process_count(params, gpus) // params.num_machines)
+    if gpus and per_machine > gpus:
+        raise ConfigError(f"--num-processes {params.num_processes} needs {per_machine} GPUs on each machine, but "
+                          f"{gpus} are visible (--devices / CUDA_VISIBLE_DEVICES); lower --num-processes")
     cmd = build_command(params, config_path, gpus=gpus)
     if params.distributed_backend == "deepspeed":
         require_deepspeed()

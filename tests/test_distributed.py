@@ -123,7 +123,8 @@ def test_generated_zero_config_passes_deepspeed_validation(kw):
     # what transformers does at run time: fill the "auto" values from the TrainingArguments
     hf = HfTrainerDeepSpeedConfig(json.loads(json.dumps(cfg)))
     args = TrainingArguments(output_dir="/tmp/unused", per_device_train_batch_size=2, gradient_accumulation_steps=4,
-                             bf16=p.mixed_precision == "bf16", report_to=[], use_cpu=True)
+                             bf16=p.mixed_precision == "bf16", fp16=p.mixed_precision == "fp16", report_to=[],
+                             use_cpu=True)
     hf.trainer_config_process(args)
 
     class Tiny:
@@ -137,13 +138,20 @@ def test_generated_zero_config_passes_deepspeed_validation(kw):
     assert ds.bfloat16_config.enabled == (p.mixed_precision == "bf16")
     assert ds.float16_config.enabled == (p.mixed_precision == "fp16")
     offload = ds.zero_config.offload_optimizer
-    assert (offload.device.value if offload else None) == p.deepspeed_offload
+    assert (str(getattr(offload.device, "value", offload.device)) if offload else None) == p.deepspeed_offload
     if p.deepspeed_stage == 3:
         assert cfg["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
     # and the validation is real: a key DeepSpeed does not know is refused
     hf.config["zero_optimization"]["stage3_no_such_key"] = 1
     with pytest.raises(Exception, match="stage3_no_such_key"):
         DeepSpeedConfig(hf.config)
+
+
+def test_more_processes_than_gpus_is_refused(tmp_path):
+    from core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="needs 3 GPUs on each machine, but 2 are visible"):
+        launch.prepare(params(devices="0,1", num_processes=3), tmp_path / "config.yaml")
 
 
 def test_missing_deepspeed_is_a_clear_error(tmp_path, monkeypatch):

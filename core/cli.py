@@ -6,6 +6,7 @@
     aitraining llm --train --config run.yaml --lr 1e-4   # a run file plus overrides
     aitraining export --model RUN_DIR --output DIR [--gguf f16] [--push-to-hub ...]
     aitraining api --model RUN_DIR [--api-key KEY] [--port 8000]   # OpenAI-compatible server
+    aitraining env                              # versions, devices, accelerate env
 
 User errors print one paragraph and exit 2; no traceback.
 """
@@ -313,7 +314,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                "webui (the web UI), export (merge, shard, quantize, GGUF, push), api (OpenAI-compatible "
                "server), env (versions, devices). `aitraining --config run.yaml` trains from a run file.")
     top.add_argument("--config", help="Train from a run YAML (task/base_model/data/params/hub)")
-    top.add_argument("command", nargs="?", choices=["llm", "eval", "webui", "export", "api"])
+    top.add_argument("command", nargs="?", choices=["llm", "eval", "webui", "export", "api", "env"])
     top.add_argument("rest", nargs=argparse.REMAINDER)
     try:
         if argv and argv[0] == "llm":
@@ -330,6 +331,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from webui.app import main as webui_main  # noqa: WPS433 (optional, later issue)
 
             return webui_main(argv[1:])
+        if argv and argv[0] == "env":
+            from core.launch import env_report
+
+            print(env_report())
+            return 0
         ns = top.parse_args(argv)
         if ns.config:
             return cmd_llm(["--train", "--config", ns.config, *ns.rest])

@@ -31,6 +31,32 @@ STATES = ("pending", "running", "finished", "failed", "aborted")
 STOP = threading.Event()
 
 
+def rank() -> int:
+    """This process's global rank under a distributed launcher (0 when started alone)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_main_process() -> bool:
+    """Only global rank 0 writes the run directory's log, status and plot."""
+    return rank() == 0
+
+
+def stop_agreed() -> bool:
+    """STOP as all ranks see it: a stop request reaching one rank stops every rank at the same
+    step, so they save the checkpoint together instead of waiting on each other forever."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return STOP.is_set()
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    flag = torch.tensor([1 if STOP.is_set() else 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item():
+        STOP.set()
+    return bool(flag.item())
+
+
 def read_status(run_dir: str | os.PathLike) -> dict[str, Any]:
     try:
         return json.loads((Path(run_dir) / STATUS_FILE).read_text(encoding="utf-8"))
@@ -39,8 +65,11 @@ def read_status(run_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def write_status(run_dir: str | os.PathLike, state: Optional[str] = None, **fields: Any) -> dict:
-    """Merge fields into status.json (atomically); state is one of STATES."""
+    """Merge fields into status.json (atomically); state is one of STATES. Ranks other than 0
+    of a distributed run leave the file to rank 0."""
     status = read_status(run_dir)
+    if not is_main_process():
+        return status
     if state is not None:
         assert state in STATES, state
         status["state"] = state
@@ -188,7 +217,7 @@ class RunLogCallback(TrainerCallback):
             plot_loss(self.run_dir, self.records)
 
     def on_step_end(self, args, state, control, **kw):
-        if STOP.is_set():
+        if stop_agreed():
             control.should_save = True
             control.should_training_stop = True
         self._before_save(args, state, control)

@@ -121,8 +121,26 @@ class LLMTrainingParams(BaseModel):
 
     # --- backend and distribution ------------------------------------------------------------
     backend: Literal["local", "spaces"] = P("local", "Where to run (local, spaces)", "backend")
-    distributed_backend: Optional[Literal["ddp", "deepspeed"]] = P(
-        None, "Distribution backend (ddp, deepspeed); several GPUs without it use DDP", "backend")
+    distributed_backend: Optional[Literal["ddp", "deepspeed", "fsdp"]] = P(
+        None, "Distribution backend: ddp, deepspeed (ZeRO) or fsdp (FSDP2); several GPUs without it "
+        "use DDP", "backend")
+    num_processes: Optional[int] = P(
+        None, "Training processes in all (one per device; default: every visible GPU, or one process "
+        "on a CPU; 2+ on a CPU trains over gloo)", "backend", ge=1)
+    devices: Optional[str] = P(None, "GPUs to use, e.g. 0,1 (sets CUDA_VISIBLE_DEVICES; default: all "
+                               "visible)", "backend")
+    num_machines: int = P(1, "Machines (nodes) taking part in the run", "backend", ge=1)
+    machine_rank: int = P(0, "Rank of this machine (0 on the main machine)", "backend", ge=0)
+    main_process_ip: Optional[str] = P(None, "IP address of the main machine (needed with several "
+                                       "machines)", "backend")
+    main_process_port: Optional[int] = P(None, "Port on the main machine (default: a free port on one "
+                                         "machine, 29500 on several)", "backend", ge=0, le=65535)
+    deepspeed_stage: int = P(3, "DeepSpeed ZeRO stage: 2 shards optimizer state and gradients, 3 also "
+                             "the parameters", "backend", ge=2, le=3)
+    deepspeed_offload: Optional[Literal["cpu", "nvme"]] = P(
+        None, "DeepSpeed offload of optimizer state (and parameters with ZeRO-3): cpu or nvme", "backend")
+    deepspeed_nvme_path: Optional[str] = P(None, "Directory on a fast NVMe disk for "
+                                           "--deepspeed-offload nvme", "backend")
 
     # --- PEFT / LoRA -------------------------------------------------------------------------
     peft: bool = P(False, "Enable LoRA training (same as --finetuning-type lora)", "peft")
@@ -336,6 +354,33 @@ class LLMTrainingParams(BaseModel):
                              "of the training data), not both")
         if self.push_to_hub and not self.username:
             raise ValueError("--push-to-hub needs --username (the repo is {username}/{project-name})")
+        return self
+
+    @model_validator(mode="after")
+    def _distributed_rules(self) -> "LLMTrainingParams":
+        """Distribution settings that cannot work together."""
+        ds = self.distributed_backend == "deepspeed"
+        if self.machine_rank >= self.num_machines:
+            raise ValueError(f"--machine-rank {self.machine_rank} must be below --num-machines {self.num_machines}")
+        if self.num_machines > 1 and not self.main_process_ip:
+            raise ValueError("several machines need --main-process-ip (the address of machine rank 0)")
+        if self.deepspeed_offload and not ds:
+            raise ValueError("--deepspeed-offload needs --distributed-backend deepspeed")
+        if self.deepspeed_offload == "nvme" and not self.deepspeed_nvme_path:
+            raise ValueError("--deepspeed-offload nvme needs --deepspeed-nvme-path (a directory on the NVMe disk)")
+        if ds and "layerwise" in self.optimizer:
+            raise ValueError(f"--optimizer {self.optimizer} updates layer by layer, which DeepSpeed cannot "
+                             "shard; use a non-layerwise optimizer or --distributed-backend ddp")
+        if self.quantization and self.distributed_backend in ("deepspeed", "fsdp") and \
+                (self.distributed_backend == "fsdp" or self.deepspeed_stage == 3):
+            raise ValueError("QLoRA (--quantization) cannot shard quantized weights here; use "
+                             "--distributed-backend ddp or --deepspeed-stage 2")
+        if self.stage == "reward" and (self.distributed_backend == "fsdp" or (ds and self.deepspeed_stage == 3)):
+            raise ValueError("--trainer reward saves its score head from a whole model; shard with "
+                             "--deepspeed-stage 2 or use --distributed-backend ddp")
+        if self.stage == "ppo" and (self.distributed_backend or (self.num_processes or 1) > 1):
+            raise ValueError("--trainer ppo runs its own loop on one device; drop --distributed-backend "
+                             "and --num-processes")
         return self
 
     # ------------------------------------------------------------------------------------------

@@ -8,16 +8,19 @@ default, as the CLI and the web UI do) or in this process (process=False). Retur
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 from core import config_io
 from core.errors import ConfigError
-from core.launch import STOP_GRACE_S, build_command, build_env
+from core import launch
+from core.launch import STOP_GRACE_S
 from core.params import LLMTrainingParams
 
 
@@ -38,13 +41,6 @@ class Project:
         """Refuse what cannot run before any compute is spent."""
         from core.stages import STAGES
         p = self.params
-        # Options whose machinery has not landed yet are refused, never silently ignored.
-        pending = {"--distributed-backend deepspeed":
-                   p.distributed_backend == "deepspeed"}
-        for flag, asked in pending.items():
-            if asked:
-                raise ConfigError(f"{flag} is not available in this version yet; drop it (the run itself "
-                                  "does not need it)")
         if p.push_to_hub and p.token is None and not os.environ.get("HF_TOKEN"):
             raise ConfigError("--push-to-hub needs a token: pass --token or set HF_TOKEN (a write token "
                               "from https://huggingface.co/settings/tokens)")
@@ -78,12 +74,22 @@ class Project:
             from core.run import train
 
             return train(self.params, self.run_dir)
-        child = subprocess.Popen(build_command(self.params, path), env=build_env(self.params))
+        cmd, env = launch.prepare(self.params, path)
+        several = launch.is_multi_process(cmd)
+        # Several processes: the launcher's failure report (which rank died, why) is read from
+        # its stderr, which is passed through to the terminal as it comes.
+        child = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE if several else None)
+        tail: collections.deque = collections.deque(maxlen=400)
+        copier = None
+        if several:
+            copier = threading.Thread(target=_copy_lines, args=(child.stderr, tail), daemon=True)
+            copier.start()
         deadline = None
         while True:
             try:
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-                return child.wait(timeout)
+                code = child.wait(timeout)
+                break
             except KeyboardInterrupt:
                 # Ctrl+C reached the child too (the terminal signals the whole foreground group):
                 # it saves a checkpoint and exits. Wait for it rather than kill it mid-save; a
@@ -98,7 +104,20 @@ class Project:
                 print(f"The run did not stop within {STOP_GRACE_S:.0f} s and was killed; "
                       "--resume-from-checkpoint auto continues from its last complete checkpoint.",
                       file=sys.stderr, flush=True)
-                return 130
+                code = 130
+                break
+        if copier is not None:
+            copier.join(timeout=5)
+        launch.finish(self.run_dir, code, "".join(tail))
+        return code
+
+
+def _copy_lines(stream, tail) -> None:
+    for raw in iter(stream.readline, b""):
+        line = raw.decode("utf-8", errors="replace")
+        tail.append(line)
+        sys.stderr.write(line)
+        sys.stderr.flush()
 
 
 def _resolve(flag: str, model_id: str):

@@ -4,6 +4,10 @@ Reads the run file, runs its stage, and keeps the run directory truthful: config
 reproduces the run), running.log, status.json (pending/running/finished/failed/aborted with the
 error), trainer_log.jsonl, loss.png, checkpoints and the trained model. SIGTERM and Ctrl+C save a
 checkpoint, then stop with status aborted.
+
+Under a distributed launcher every rank runs this module; only global rank 0 writes the run
+directory (the other ranks log to the console with their rank), and a stop request reaching any
+rank stops all of them at the same step.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from pathlib import Path
 
 from core import checkpoints, config_io
 from core.errors import UserError
-from core.events import STOP, write_status
+from core.events import STOP, is_main_process, rank, write_status
 from core.params import LLMTrainingParams
 from core.redaction import RedactingFormatter, RedactingStream, register
 
@@ -27,16 +31,20 @@ FILE_ONLY = {"file_only": True}  # logging extra: running.log only (tracebacks),
 
 def _setup_logging(run_dir: Path, console: bool = True) -> list[tuple[logging.Logger, logging.Handler]]:
     fmt = RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
-    handler = logging.FileHandler(run_dir / "running.log", encoding="utf-8")
-    handler.setFormatter(fmt)
+    handler = None
+    if is_main_process():
+        handler = logging.FileHandler(run_dir / "running.log", encoding="utf-8")
+        handler.setFormatter(fmt)
     console_handler = logging.StreamHandler(sys.stderr)
-    console_handler.setFormatter(RedactingFormatter("%(levelname)s %(message)s"))
+    prefix = f"[rank {rank()}] " if "WORLD_SIZE" in os.environ else ""
+    console_handler.setFormatter(RedactingFormatter(prefix + "%(levelname)s %(message)s"))
     console_handler.addFilter(lambda record: not getattr(record, "file_only", False))
     added = []
     for name in ("aitraining", "transformers", "peft", "trl", "datasets", "accelerate"):
         lg = logging.getLogger(name)
-        lg.addHandler(handler)
-        added.append((lg, handler))
+        if handler is not None:
+            lg.addHandler(handler)
+            added.append((lg, handler))
         if name == "aitraining":
             lg.setLevel(logging.INFO)
             lg.propagate = False
@@ -46,9 +54,17 @@ def _setup_logging(run_dir: Path, console: bool = True) -> list[tuple[logging.Lo
     return added
 
 
+_first_signal = 0.0
+SIGNAL_REPEAT_S = 3.0  # a process-group signal and the launcher's forwarded copy are one request
+
+
 def _on_stop_signal(signum, frame):
-    if STOP.is_set():  # second signal: the user insists
+    global _first_signal
+    if STOP.is_set() and time.time() - _first_signal > SIGNAL_REPEAT_S:  # a later signal: the user insists
         raise KeyboardInterrupt
+    if STOP.is_set():
+        return
+    _first_signal = time.time()
     STOP.set()
     log.warning("stop requested (%s): saving a checkpoint, then stopping", signal.Signals(signum).name)
 
@@ -62,16 +78,17 @@ def train(params: LLMTrainingParams, run_dir: str | os.PathLike, *, console: boo
     register(params.token)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "config.yaml"
-    if not config_path.exists():
+    if not config_path.exists() and is_main_process():
         config_io.save(params, config_path)
     handlers = _setup_logging(run_dir, console)
-    if int(os.environ.get("RANK", "0")) == 0:  # one process of a distributed run tidies up
+    if is_main_process():  # one process of a distributed run tidies up and records the environment
         checkpoints.clean(run_dir)  # partial checkpoints and temp files of a killed earlier process
+        _write_environment(run_dir)
     STOP.clear()
     previous = {s: signal.signal(s, _on_stop_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     # step None until the trainer says where it starts (a resumed run: its checkpoint's step)
-    write_status(run_dir, "running", started=time.time(), pid=os.getpid(), stage=params.stage, error=None,
-                 reason=None, step=None)
+    write_status(run_dir, "running", started=time.time(), pid=os.getpid(), pgid=os.getpgid(0),
+                 stage=params.stage, error=None, reason=None, step=None)
     try:
         log.info("run %s: trainer %s, model %s, data %s", run_dir, params.trainer, params.model, params.data_path)
         if params.use_sweep:
@@ -102,7 +119,8 @@ def train(params: LLMTrainingParams, run_dir: str | os.PathLike, *, console: boo
             log.error("details:\n%s", traceback.format_exc(), extra=FILE_ONLY)
             write_status(run_dir, "failed", reason="disk_full", error=message)
             return 1
-        log.error("training failed: %s: %s\n%s", type(e).__name__, e, traceback.format_exc())
+        log.error("training failed%s: %s: %s\n%s", f" on rank {rank()}" if rank() else "", type(e).__name__, e,
+                  traceback.format_exc())
         write_status(run_dir, "failed", reason="error", error=f"{type(e).__name__}: {e} (details in running.log)")
         return 1
     finally:
@@ -278,6 +296,18 @@ def disk_full_message(e: BaseException, run_dir: Path) -> str:
             "--project-name at a disk with room; --save-total-limit 1 keeps fewer checkpoints.")
 
 
+def _write_environment(run_dir: Path) -> None:
+    """accelerate env into the run directory: what a bug report about this run needs."""
+    from core.config_io import atomic_write
+    from core.launch import ACCELERATE_ENV, accelerate_env
+
+    try:
+        world = os.environ.get("WORLD_SIZE", "1")
+        atomic_write(run_dir / ACCELERATE_ENV, f"processes: {world}\n" + accelerate_env() + "\n")
+    except Exception as e:  # never fail a run over its diagnostics
+        log.warning("could not record accelerate env: %s", e)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # everything this process prints lands in the run's console.log: no token in clear there
@@ -292,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     run_dir = Path(params.project_name)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if Path(argv[0]).resolve() != (run_dir / "config.yaml").resolve():
+    if Path(argv[0]).resolve() != (run_dir / "config.yaml").resolve() and is_main_process():
         config_io.save(params, run_dir / "config.yaml")
     return train(params, run_dir)
 

@@ -191,15 +191,6 @@ def test_config_file_replays_with_eval_and_tensorboard(tiny_model_dir, tmp_path)
     assert (out / "config.yaml").read_text() == run_file.read_text()  # the run replays byte for byte
 
 
-@pytest.mark.parametrize("kw,flag", [
-                                     ({"distributed_backend": "deepspeed"}, "--distributed-backend deepspeed")])
-def test_options_not_built_yet_are_refused_not_ignored(kw, flag, tiny_model_dir, tmp_path):
-    from core.errors import ConfigError
-
-    p = base_params(tiny_model_dir, write_alpaca(tmp_path / "t.jsonl"), tmp_path / "o", **kw)
-    with pytest.raises(ConfigError, match=f"{flag} is not available"):
-        Project(p, process=False).create()
-
 def test_unsloth_falls_back_with_the_seed_warning(tiny_model_dir, tmp_path, caplog):
     p = base_params(tiny_model_dir, write_alpaca(tmp_path / "t.jsonl"), tmp_path / "u", peft=True, epochs=1,
                     unsloth=True)

@@ -240,6 +240,19 @@ def test_malformed_dataset_shows_numbered_errors(server, browser, tmp_path):
     ui.pg.locator("#btn-preview-cmd").click()
     ui.pg.wait_for_function("document.querySelector('#command').innerText.includes('flash_attention_2')")
 
+    # several devices: the device count is shown; GPUs, processes and the ZeRO stage are picked here
+    import torch
+
+    shown = ui.pg.locator("#device-count textarea, #device-count input").first.input_value()
+    assert shown == ("CPU" if not torch.cuda.device_count() else shown) and (shown == "CPU" or " GPU: " in shown)
+    ui.pick("distributed_backend", "deepspeed")
+    ui.fill("devices", "0,1")
+    ui.fill("deepspeed_stage", 2)
+    ui.pg.locator("#btn-preview-cmd").click()
+    ui.pg.wait_for_function("document.querySelector('#command').innerText.includes('--deepspeed-stage 2')")
+    line = ui.pg.locator("#command").inner_text()
+    assert "--distributed-backend deepspeed" in line and "--devices 0,1" in line
+
     # export the run YAML (download) and import it back (upload)
     ui.pg.locator("#acc-peft").click()  # the LoRA accordion
     ui.fill("lora_r", 12)

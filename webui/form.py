@@ -21,7 +21,7 @@ FIELDS = LLMTrainingParams.model_fields
 TOP_FIELDS = ["model", "finetuning_type", "adapter_path", "quantization", "chat_template", "rope_scaling"]
 MAIN_FIELDS = ["trainer", "dataset_dir", "data_path", "lr", "epochs", "max_grad_norm", "max_samples",
                "mixed_precision", "block_size", "batch_size", "gradient_accumulation", "val_size",
-               "scheduler", "project_name", "distributed_backend"]
+               "scheduler", "project_name", "distributed_backend", "devices", "num_processes", "deepspeed_stage"]
 # `peft` is the CLI's spelling of finetuning_type=lora: the method dropdown is its one control here.
 NOT_IN_FORM = {"peft"}
 AUTO = "auto"  # chat_template: unset

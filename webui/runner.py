@@ -19,7 +19,8 @@ from typing import Optional
 
 from core.errors import UserError
 from core.events import LOG_FILE, read_log, read_status, write_status
-from core.launch import STOP_GRACE_S, build_command, build_env
+from core import launch
+from core.launch import STOP_GRACE_S
 from core.params import LLMTrainingParams
 from core.project import Project
 
@@ -265,15 +266,30 @@ class Runner:
             (run_dir / LOG_FILE).unlink(missing_ok=True)
         write_status(run_dir, "pending", error=None, step=0, total_steps=None, loss=None, eval_loss=None,
                      pid=None, started=time.time())
+        cmd, env = launch.prepare(params, config)
         console = open(run_dir / CONSOLE_FILE, "ab")
+        start = console.tell()
         with self.lock:
             self.proc = subprocess.Popen(
-                build_command(params, config), env=build_env(params), stdin=subprocess.DEVNULL,
+                cmd, env=env, stdin=subprocess.DEVNULL,
                 stdout=console, stderr=subprocess.STDOUT, start_new_session=True, cwd=os.getcwd())
             self.run_dir = run_dir
         console.close()
-        write_status(run_dir, pid=self.proc.pid)
+        write_status(run_dir, pid=self.proc.pid, pgid=self.proc.pid)
+        threading.Thread(target=self._finish, args=(self.proc, run_dir, start), daemon=True).start()
         return run_dir
+
+    @staticmethod
+    def _finish(proc: subprocess.Popen, run_dir: Path, start: int) -> None:
+        """When the run's command exits, make its status say why (e.g. which rank died)."""
+        code = proc.wait()
+        try:
+            with open(run_dir / CONSOLE_FILE, "rb") as f:
+                f.seek(start)
+                output = f.read()[-200_000:].decode("utf-8", errors="replace")
+        except OSError:
+            output = ""
+        launch.finish(run_dir, code, output)
 
     def abort(self, grace: float = ABORT_GRACE_S) -> Optional[Path]:
         """SIGTERM to the run's process group (it saves a checkpoint and exits), SIGKILL after grace.
@@ -281,7 +297,10 @@ class Runner:
         run_dir = self.active()
         if run_dir is None:
             return None
-        pid = read_status(run_dir).get("pid") or (self.proc.pid if self.proc else None)
+        status = read_status(run_dir)
+        # the process group: the launcher and every rank it started (a run of several processes
+        # writes its rank 0's pid, which is not the group's leader)
+        pid = status.get("pgid") or status.get("pid") or (self.proc.pid if self.proc else None)
         if not pid:
             return None
         try:

@@ -24,17 +24,18 @@ def is_peft_model(model) -> bool:
 
 
 def save_trained(model, tokenizer, out_dir, *, merge_adapter: bool = True, safe_serialization: bool = True,
-                 max_shard_size="2GB") -> dict[str, Path]:
+                 max_shard_size="2GB", state_dict=None) -> dict[str, Path]:
     """Save model + tokenizer into out_dir; returns {"adapter": ..., "merged": ...} or {"model": ...}.
 
     The caller's model is not changed: merging reloads the base from disk and applies the saved
     adapter, which also proves the adapter on disk is complete. transformers 5 always writes
-    safetensors for full models; safe_serialization applies to the adapter file.
+    safetensors for full models; safe_serialization applies to the adapter file. state_dict: the
+    weights gathered from sharded ranks (DeepSpeed ZeRO-3, FSDP), whose local model holds none.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if is_peft_model(model):
-        model.save_pretrained(out, safe_serialization=safe_serialization)
+        model.save_pretrained(out, safe_serialization=safe_serialization, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(out)
         written = {"adapter": out}
@@ -46,7 +47,7 @@ def save_trained(model, tokenizer, out_dir, *, merge_adapter: bool = True, safe_
     if config is not None and use_cache is False:
         config.use_cache = True  # training turns the KV cache off; the saved model should generate fast
     try:
-        model.save_pretrained(out, max_shard_size=max_shard_size)
+        model.save_pretrained(out, max_shard_size=max_shard_size, state_dict=state_dict)
     finally:
         if config is not None and use_cache is False:
             config.use_cache = False

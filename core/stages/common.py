@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -191,6 +192,9 @@ def training_args(params: LLMTrainingParams, run_dir: Path, *, n_train: int, has
         remove_unused_columns=False,
         save_only_model=False,
         dataloader_pin_memory=device_type() == "cuda",
+        # several CPU processes talk over gloo; naming it also lets accelerate count the ranks
+        # when DeepSpeed starts them (its state otherwise sees one process on a CPU)
+        ddp_backend="gloo" if device_type() == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
     )
     kw.update(overrides)
     args = cls(**kw)
@@ -246,13 +250,21 @@ def train_and_save(trainer, params: LLMTrainingParams, run_dir: Path, tokenizer,
             metrics.update(trainer.evaluate())
         if template is not None:
             attach_template(tokenizer, template)  # chat later uses exactly what was trained
-        if save is not None:
-            save(trainer)
-        else:
-            save_trained(trainer.model, tokenizer, run_dir, merge_adapter=params.merge_adapter)
-        if params.post_train_check and params.stage in ("sft", "distillation"):
-            metrics.update(after_sft(trainer, params, run_dir, tokenizer, template, tracking))
-        write_model_card(params, run_dir, metrics)
+        acc = trainer.accelerator
+        state_dict = None
+        if is_sharded(trainer):
+            # ZeRO-3 / FSDP: each rank holds a shard; every rank takes part in gathering them
+            state_dict = acc.get_state_dict(trainer.deepspeed if trainer.is_deepspeed_enabled else trainer.model)
+        if acc.is_main_process:  # one writer for the run directory
+            if save is not None:
+                save(trainer, state_dict=state_dict) if state_dict is not None else save(trainer)
+            else:
+                save_trained(acc.unwrap_model(trainer.model), tokenizer, run_dir,
+                             merge_adapter=params.merge_adapter, state_dict=state_dict)
+            if params.post_train_check and params.stage in ("sft", "distillation") and state_dict is None:
+                metrics.update(after_sft(trainer, params, run_dir, tokenizer, template, tracking))
+            write_model_card(params, run_dir, metrics)
+        acc.wait_for_everyone()
         return metrics
     finally:
         if tracking is not None:
@@ -324,6 +336,16 @@ def after_sft(trainer, params: LLMTrainingParams, run_dir: Path, tokenizer, temp
         rows = [json.loads(x) for x in (run_dir / SAMPLES_FILE).read_text(encoding="utf-8").splitlines() if x]
         tracking.add_samples(rows, trainer.state.global_step)
     return {"post_check_warnings": len(findings["warnings"])}
+
+
+def is_sharded(trainer) -> bool:
+    """True when no rank holds the whole model: DeepSpeed ZeRO-3 or FSDP."""
+    if trainer.is_fsdp_enabled:
+        return True
+    if trainer.is_deepspeed_enabled:
+        plugin = trainer.accelerator.state.deepspeed_plugin
+        return plugin.zero_stage == 3
+    return False
 
 
 def write_model_card(params: LLMTrainingParams, run_dir: Path, metrics: dict) -> None:

@@ -137,10 +137,10 @@ def run(built, params: LLMTrainingParams, run_dir: Path) -> dict:
 
     trainer, tokenizer, template, has_eval = built
 
-    def save(trainer):
-        model = trainer.model
+    def save(trainer, state_dict=None):
+        model = trainer.accelerator.unwrap_model(trainer.model)
         if is_peft_model(model) and REF_ADAPTER in model.peft_config:
             model.delete_adapter(REF_ADAPTER)
-        save_trained(model, tokenizer, run_dir, merge_adapter=params.merge_adapter)
+        save_trained(model, tokenizer, run_dir, merge_adapter=params.merge_adapter, state_dict=state_dict)
 
     return common.train_and_save(trainer, params, run_dir, tokenizer, template, has_eval=has_eval, save=save)

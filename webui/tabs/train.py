@@ -105,6 +105,16 @@ def monitor_tick(runner: Runner, mon: Monitor, follow: Optional[str], metric_nam
             "metrics": mon.metrics() if new else None}
 
 
+def device_summary() -> str:
+    """The GPUs this server's runs can use (CUDA_VISIBLE_DEVICES applies), or CPU."""
+    import torch
+
+    n = torch.cuda.device_count()
+    if not n:
+        return "CPU"
+    return f"{n} GPU: " + ", ".join(f"{i} {torch.cuda.get_device_name(i)}" for i in range(n))
+
+
 def build(ui) -> None:
     lang = ui.lang
     with gr.Row():
@@ -139,12 +149,10 @@ def build(ui) -> None:
     with gr.Row():
         stamp = time.strftime("%Y%m%d-%H%M%S")
         out_dir = ui.widget("project_name", value=str(ui.runs_root / f"run-{stamp}"), scale=3)
-        import torch
-
-        devices = torch.cuda.device_count()
-        ui.text(gr.Textbox(value=f"{devices} GPU" if devices else "CPU", interactive=False, elem_id="device-count"),
-                "device_count")
-        ui.widget("distributed_backend")
+        ui.text(gr.Textbox(value=device_summary(), interactive=False, elem_id="device-count"), "device_count")
+    with gr.Row():  # several devices: which ones, how many processes, which backend / ZeRO stage
+        for name in ("distributed_backend", "devices", "num_processes", "deepspeed_stage"):
+            ui.widget(name)
     resume_md = gr.Markdown(elem_id="resume-info")
     with gr.Row():
         b_cmd = ui.text(gr.Button("Preview command", elem_id="btn-preview-cmd"), "btn_preview_cmd", "value")

@@ -286,7 +286,7 @@ def add_callbacks(trainer, params: LLMTrainingParams, run_dir: Path, tokenizer, 
     elif params.use_enhanced_eval:
         trainer.add_callback(_perplexity_only())
     tracking = None
-    if params.log == "tensorboard":
+    if params.log == "tensorboard" and trainer.accelerator.is_main_process:  # one writer
         from transformers.integrations import TensorBoardCallback
 
         from core.tracking import TrackingCallback

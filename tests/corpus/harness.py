@@ -212,7 +212,12 @@ class UIHarness:
     def __init__(self, env: Env):
         from webui.app import build_app
 
-        self.app = build_app(env.root / "ui-runs", "en", data_dir=REPO / "data")
+        # The UI confines runs to --runs-dir and data to --data-dir: serve both from the corpus's
+        # root (with the built-in datasets beside the cases), as a user would start it there.
+        for f in (REPO / "data").iterdir():
+            if not (env.root / f.name).exists():
+                shutil.copy(f, env.root / f.name)
+        self.app = build_app(env.root, "en", data_dir=env.root)
         self.handlers = {}
         for fn in self.app.fns.values():
             for block_id, event in fn.targets:

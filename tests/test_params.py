@@ -165,8 +165,6 @@ params:
     ({"task": "llm-dpo", "data": {"path": "prefs.jsonl"}}, "DPO needs --prompt-text-column and --rejected-text-column"),
     ({"task": "llm-orpo", "data": {"path": "p.jsonl", "column_mapping": {"prompt_text_column": "p"}}},
      "ORPO needs --rejected-text-column"),
-    ({"task": "llm-dpo", "params": {"unsloth": True, "prompt_text_column": "p", "rejected_text_column": "r"}},
-     "--unsloth works only with --trainer sft/default"),
     ({"task": "llm-distillation"}, "distillation needs --teacher-model"),
     ({"params": {"packing": True}}, "--packing needs a block size"),
     ({"params": {"quantization": "int4"}}, "QLoRA"),

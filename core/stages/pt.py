@@ -61,7 +61,9 @@ def _dataset(tokenizer, records, params: LLMTrainingParams, block: int, source: 
 
 def build_trainer(params: LLMTrainingParams, run_dir: Path):
     """(trainer, tokenizer, chat template, has_eval): everything configured, nothing trained yet."""
-    from transformers import DataCollatorForSeq2Seq, Trainer, default_data_collator, set_seed
+    from transformers import DataCollatorForSeq2Seq, default_data_collator, set_seed
+
+    from core.stages.efficiency import LMTrainer
 
     set_seed(params.seed)
     path, tokenizer, template, config = common.load_tokenizer_and_template(params)
@@ -77,7 +79,7 @@ def build_trainer(params: LLMTrainingParams, run_dir: Path):
                                 dtype=dtype)
     collator = (DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
                 if params.packing is False else default_data_collator)
-    trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+    trainer = LMTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                       data_collator=collator, processing_class=tokenizer,
                       callbacks=[RunLogCallback(run_dir, "pt")])
     # Plain text has no conversation format; a template is saved only when one was asked for

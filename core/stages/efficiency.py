@@ -13,17 +13,15 @@ import importlib.util
 import logging
 
 import torch
-import torch.nn.functional as F
 from transformers import Trainer
 
 from core.errors import ConfigError
+from core.model.chunked_ce import chunked_lm_loss
 from core.params import EXTRA_OPTIMIZERS, LLMTrainingParams
 
 log = logging.getLogger("aitraining")
 
-IGNORE_INDEX = -100
 AUTO_CHUNKED_CE_VOCAB = 100_000  # --chunked-ce unset: on from this vocabulary size (Gemma 262k, Qwen 151k)
-CHUNK_LOGIT_BYTES = 2 ** 28  # fp32 logits of one chunk: 256 MiB (256 tokens of a 262k vocabulary)
 
 
 # ---------------------------------------------------------------------------- optimizers
@@ -110,36 +108,6 @@ def chunked_ce_wanted(params: LLMTrainingParams, config) -> bool:
         return params.chunked_ce
     vocab = getattr(config, "vocab_size", None) or getattr(getattr(config, "text_config", None), "vocab_size", 0)
     return vocab >= AUTO_CHUNKED_CE_VOCAB
-
-
-def chunked_lm_loss(hidden, labels, head, *, num_items_in_batch=None, softcap=None, chunk_tokens=None):
-    """Causal-LM cross-entropy of hidden (B, T, H) through head, equal to the model's own loss:
-    position t predicts labels[t + 1]; IGNORE_INDEX tokens do not count. The sum over trained
-    tokens is divided by num_items_in_batch (the Trainer's count over the accumulated batches)
-    or, without it, by this batch's count. Only trained positions go through the head."""
-    from torch.utils.checkpoint import checkpoint
-
-    h = hidden[:, :-1, :].reshape(-1, hidden.shape[-1])
-    y = labels[:, 1:].reshape(-1).to(h.device)
-    keep = y != IGNORE_INDEX
-    h, y = h[keep], y[keep]
-    vocab = head.weight.shape[0]
-    chunk = chunk_tokens or max(16, CHUNK_LOGIT_BYTES // (4 * vocab))
-
-    def piece(hc, yc):
-        logits = head(hc).float()
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        return F.cross_entropy(logits, yc, reduction="sum")
-
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, h.shape[0], chunk):
-        # checkpoint: the chunk's logits are freed now and recomputed in backward
-        total = total + checkpoint(piece, h[start:start + chunk], y[start:start + chunk], use_reentrant=False)
-    count = num_items_in_batch if num_items_in_batch is not None else keep.sum()
-    if torch.is_tensor(count):
-        count = count.to(total.device)
-    return total / count
 
 
 class LMTrainer(Trainer):

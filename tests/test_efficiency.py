@@ -173,7 +173,7 @@ def test_chunked_ce_lowers_peak_memory_with_a_big_vocabulary():
         res[mode] = (loss, mb)
     assert res["chunked"][0] == pytest.approx(res["plain"][0], abs=1e-4)
     assert res["plain"][1] > 600, res
-    assert res["chunked"][1] < 0.5 * res["plain"][1], res
+    assert res["chunked"][1] < 0.35 * res["plain"][1], res  # measured: 1686 MB -> 352 MB
 
 
 # ---------------------------------------------------------------------------- the LoRA family
@@ -421,3 +421,11 @@ def test_liger_neftune_and_attention_reach_the_trainer(tiny_model_dir, tmp_path,
     with torch.no_grad():  # after training NEFTune's hook is gone: clean embeddings again
         ids = torch.tensor([[1, 2, 3]])
         assert torch.equal(emb(ids), trainer.model.get_input_embeddings().weight[ids])
+
+
+def test_cli_names_a_bad_optimizer_and_exits_2(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "core.cli", "llm", "--dry-run", "--data-path", "identity",
+                          "--project-name", str(tmp_path / "x"), "--optimizer", "adamw_fast"],
+                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 2, out.stderr[-1500:]
+    assert "adamw_fast" in out.stderr and "galore_adamw" in out.stderr and "Traceback" not in out.stderr

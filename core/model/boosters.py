@@ -55,6 +55,9 @@ def use_unsloth(params, model_type: str | None) -> bool:
     except Exception as e:  # a broken install (e.g. torch/triton mismatch) must not stop the run
         log.warning("%s (%s: %s)", UNSLOTH_WARNING, type(e).__name__, str(e).splitlines()[0][:200])
         return False
+    if params.use_sharegpt_mapping:
+        log.info("--use-sharegpt-mapping: ShareGPT records (from/value, human/gpt) are read as they are; "
+                 "no conversion step runs before Unsloth")
     return True
 
 

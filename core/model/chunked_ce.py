@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
-CHUNK_LOGIT_BYTES = 2 ** 28  # fp32 logits of one chunk: 256 MiB (256 tokens of a 262k vocabulary)
+CHUNK_LOGIT_BYTES = 2 ** 27  # fp32 logits of one chunk: 128 MiB (128 tokens of a 262k vocabulary)
 
 
 def chunked_lm_loss(hidden, labels, head, *, num_items_in_batch=None, softcap=None, chunk_tokens=None):

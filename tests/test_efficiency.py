@@ -429,3 +429,18 @@ def test_cli_names_a_bad_optimizer_and_exits_2(tmp_path):
                          capture_output=True, text=True, cwd=REPO, timeout=300)
     assert out.returncode == 2, out.stderr[-1500:]
     assert "adamw_fast" in out.stderr and "galore_adamw" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_pt_neat_packing_keeps_documents_whole_and_trains(tiny_model_dir, tmp_path):
+    from core.stages import pt
+    from test_stage_pt import DOCS, write_text
+    from test_stage_pt import base_params as pt_params
+
+    p = pt_params(tiny_model_dir, write_text(tmp_path / "d.jsonl", DOCS * 2), tmp_path / "o", block_size=96,
+                  neat_packing=True, max_steps=2)
+    trainer, *_ = pt.build_trainer(p, tmp_path / "o")
+    rows = list(trainer.train_dataset)
+    assert len(rows) < len(DOCS) * 2 and all(len(r["input_ids"]) <= 96 for r in rows)
+    assert sum(r["position_ids"].count(0) for r in rows) == len(DOCS) * 2  # every document starts at 0
+    trainer.train()
+    assert trainer.state.global_step == 2

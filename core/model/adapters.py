@@ -95,6 +95,7 @@ def _merge_into_base(model, adapter_path, quantized: bool, out_dir):
         raise ConfigError("--create-new-adapter merges the old adapter into the base, which a quantized base "
                           "cannot hold exactly. Fix: drop --quantization, or continue the adapter without "
                           "--create-new-adapter")
+    out_dir = out_dir.resolve()  # the adapter config records it: it must not depend on the cwd
     model = PeftModel.from_pretrained(model, str(adapter_path)).merge_and_unload()
     model.save_pretrained(out_dir)
     model.name_or_path = str(out_dir)  # peft records this as the new adapter's base_model_name_or_path

@@ -204,7 +204,6 @@ def training_args(params: LLMTrainingParams, run_dir: Path, *, n_train: int, has
         optim_args=params.optim_args,
         neftune_noise_alpha=params.neftune_noise_alpha,
         use_liger_kernel=boosters.use_liger(params),
-        train_sampling_strategy="group_by_length" if params.group_by_length and not packed(params) else "random",
         lr_scheduler_type=params.scheduler,
         weight_decay=params.weight_decay,
         max_grad_norm=params.max_grad_norm,
@@ -227,6 +226,8 @@ def training_args(params: LLMTrainingParams, run_dir: Path, *, n_train: int, has
         save_only_model=False,
         dataloader_pin_memory=device_type() == "cuda",
     )
+    if params.group_by_length and not packed(params):  # else the config's own default (KTO needs sequential)
+        kw["train_sampling_strategy"] = "group_by_length"
     kw.update(overrides)
     return cls(**kw)
 

@@ -118,6 +118,18 @@ class LLMTrainingParams(BaseModel):
         "performance")
     trust_remote_code: bool = P(False, "Allow the model repository's own Python code to run "
                                 "(only for models you trust)", "performance")
+    liger_kernel: bool = P(False, "Liger Triton kernels (fused RMSNorm, RoPE, SwiGLU, linear+cross-entropy); "
+                           "CUDA only, pip install liger-kernel", "performance")
+    chunked_ce: Optional[bool] = P(None, "Cross-entropy over sequence chunks so the full logits never exist at "
+                                   "once (unset: on for vocabularies of 100k tokens and more)", "performance")
+    neftune_noise_alpha: Optional[float] = P(None, "NEFTune: noise added to the embeddings while training "
+                                             "(e.g. 5)", "performance", gt=0)
+    optim_target_modules: Optional[str] = P(None, "Modules GaLore/APOLLO project (comma-separated, or "
+                                            "all-linear; default all-linear)", "performance")
+    optim_args: Optional[str] = P(None, "Extra optimizer arguments, e.g. rank=64,update_proj_gap=200,scale=0.25 "
+                                  "for GaLore/APOLLO", "performance")
+    badam_switch_interval: int = P(50, "BAdam: steps before switching to the next block of layers",
+                                   "performance", ge=1)
 
     # --- backend and distribution ------------------------------------------------------------
     backend: Literal["local", "spaces"] = P("local", "Where to run (local, spaces)", "backend")
@@ -152,6 +164,24 @@ class LLMTrainingParams(BaseModel):
     target_modules: str = P("all-linear", "Modules to adapt: all-linear or a comma-separated list "
                             "(q_proj,v_proj,...)", "peft")
     quantization: Optional[Literal["int4", "int8"]] = P(None, "int4/int8 quantization (QLoRA)", "peft")
+    quantization_method: Literal["bitsandbytes", "hqq"] = P("bitsandbytes", "Quantization library for "
+                                                             "--quantization (bitsandbytes, hqq)", "peft")
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = P("nf4", "4-bit data type (nf4, fp4)", "peft")
+    double_quantization: bool = P(True, "Quantize the 4-bit quantization constants too (saves ~0.4 bit "
+                                  "per weight)", "peft")
+    compute_dtype: Optional[Literal["fp32", "bf16", "fp16"]] = P(
+        None, "Compute dtype of the quantized layers (default: the run's dtype)", "peft")
+    use_rslora: bool = P(False, "rsLoRA: scale by alpha/sqrt(r) instead of alpha/r (stable at high rank)",
+                         "peft")
+    use_dora: bool = P(False, "DoRA: weight-decomposed LoRA (magnitude and direction)", "peft")
+    pissa_init: bool = P(False, "PiSSA: start LoRA from the principal singular vectors (saved as a plain "
+                         "LoRA)", "peft")
+    loraplus_lr_ratio: Optional[float] = P(None, "LoRA+: the B matrices learn at lr x this ratio (e.g. 16)",
+                                           "peft", gt=0)
+    additional_target: Optional[str] = P(None, "Extra modules trained fully and saved with the adapter "
+                                         "(comma-separated, e.g. embed_tokens,lm_head)", "peft")
+    create_new_adapter: bool = P(False, "With --adapter-path: merge that adapter into the base and train a "
+                                 "new one on top", "peft")
     merge_adapter: bool = P(True, "Also save the LoRA adapter merged into the base model", "peft")
     adapter_path: Optional[str] = P(None, "Continue training an existing LoRA adapter (a run directory or "
                                     "adapter folder) instead of starting a new one", "peft")
@@ -175,6 +205,10 @@ class LLMTrainingParams(BaseModel):
         None, "Chat template: a name from templates/ (gemma, llama3, chatml, ...), tokenizer (the "
         "model's own), none (plain text); default: the model's own, else its family's", "data")
     packing: Optional[bool] = P(None, "Enable sequence packing", "data")
+    neat_packing: bool = P(False, "Pack without attention across examples (position ids restart per "
+                           "example)", "data")
+    group_by_length: bool = P(False, "Batch examples of similar length together (less padding; when not "
+                              "packing)", "data")
     auto_convert_dataset: bool = P(False, "Auto-detect and convert the dataset format", "data")
     max_samples: Optional[int] = P(None, "Limit each dataset to N records (for testing)", "data", ge=1)
     column_mapping: Optional[dict[str, str]] = P(
@@ -284,11 +318,11 @@ class LLMTrainingParams(BaseModel):
                 raise ValueError("cutoff_len and block_size are the same setting; give only one")
             data["block_size"] = data.pop("cutoff_len")
         for key in ("mixed_precision", "attn_implementation", "distributed_backend", "quantization",
-                    "chat_template", "rope_scaling", "adapter_path"):
+                    "chat_template", "rope_scaling", "adapter_path", "compute_dtype"):
             if isinstance(data.get(key), str) and data[key].strip().lower() in ("", "null"):
                 data[key] = None
         for key in ("mixed_precision", "attn_implementation", "distributed_backend", "quantization",
-                    "rope_scaling"):
+                    "rope_scaling", "compute_dtype"):
             if isinstance(data.get(key), str) and data[key].lower() in ("none", "no", "fp32"):
                 data[key] = None
         if isinstance(data.get("column_mapping"), str):
@@ -347,7 +381,8 @@ class LLMTrainingParams(BaseModel):
             raise ValueError("--quantization trains a LoRA adapter on a quantized model (QLoRA): add --peft")
         if self.adapter_path and self.finetuning_type != "lora":
             raise ValueError("--adapter-path continues a LoRA adapter: add --peft")
-        if self.packing and self.block_size <= 0:
+        _efficiency_rules(self)
+        if (self.packing or self.neat_packing) and self.block_size <= 0:
             raise ValueError("--packing needs a block size: pass --block-size N (e.g. 1024)")
         if self.valid_split and self.val_size:
             raise ValueError("give either --valid-split (a separate file) or --val-size (a held-out part "
@@ -392,6 +427,44 @@ class LLMTrainingParams(BaseModel):
     def explicit(self) -> dict[str, Any]:
         """The parameters given explicitly (not left at their default)."""
         return {k: getattr(self, k) for k in self.model_fields_set}
+
+
+EXTRA_OPTIMIZERS = {"adam_mini": "adam-mini", "badam": "badam"}  # ours (not transformers'): name -> pip
+
+
+def _efficiency_rules(p: LLMTrainingParams) -> None:
+    """Optimizer/scheduler names and the LoRA-family combinations that cannot run."""
+    if p.optimizer not in ("adamw_torch", "sgd") or p.scheduler not in ("linear", "cosine", "constant"):
+        # transformers is imported only for names off the common path (it takes seconds)
+        from transformers.trainer_utils import SchedulerType
+        from transformers.training_args import OptimizerNames
+
+        optimizers = [o.value for o in OptimizerNames] + list(EXTRA_OPTIMIZERS)
+        if p.optimizer not in optimizers:
+            raise ValueError(f"--optimizer {p.optimizer!r} is unknown. Choose one of: {', '.join(optimizers)}")
+        schedulers = [s.value for s in SchedulerType]
+        if p.scheduler not in schedulers:
+            raise ValueError(f"--scheduler {p.scheduler!r} is unknown. Choose one of: {', '.join(schedulers)}")
+    lora_only = [f for f in ("use_rslora", "use_dora", "pissa_init", "loraplus_lr_ratio", "additional_target",
+                             "create_new_adapter") if getattr(p, f)]
+    if lora_only and p.finetuning_type != "lora":
+        raise ValueError(f"--{lora_only[0].replace('_', '-')} is a LoRA option: add --peft")
+    if p.create_new_adapter and not p.adapter_path:
+        raise ValueError("--create-new-adapter stacks a new adapter on --adapter-path: give --adapter-path")
+    if p.pissa_init and p.adapter_path and not p.create_new_adapter:
+        raise ValueError("--pissa-init initialises a new adapter; drop it when continuing --adapter-path")
+    if p.pissa_init and p.quantization:
+        raise ValueError("--pissa-init needs the full-precision weights (it rewrites them); drop --quantization")
+    if p.quantization_method == "hqq" and p.quantization is None:
+        raise ValueError("--quantization-method hqq needs --quantization int4 or int8")
+    if p.optimizer.startswith(("galore", "apollo")) and p.finetuning_type == "lora":
+        raise ValueError(f"--optimizer {p.optimizer} projects the gradients of full weight matrices; use it "
+                         "with --finetuning-type full or freeze, not LoRA")
+    if p.optimizer == "badam" and p.finetuning_type != "full":
+        raise ValueError("--optimizer badam trains one block of layers at a time over all weights: use "
+                         "--finetuning-type full")
+    if p.neat_packing and p.packing is False:
+        raise ValueError("--neat-packing is a kind of packing; drop --packing false")
 
 
 def _names_registered_datasets(p: LLMTrainingParams) -> bool:

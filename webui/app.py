@@ -29,7 +29,7 @@ log = logging.getLogger("aitraining.webui")
 KNOWN_MODELS = ["meta-llama/Llama-3.2-1B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct", "google/gemma-2-2b-it",
                 "mistralai/Mistral-7B-Instruct-v0.3", "microsoft/Phi-3-mini-4k-instruct",
                 "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"]
-BOOSTERS = ["auto", "flashattn2", "unsloth"]  # liger_kernel arrives with the efficiency options
+BOOSTERS = ["auto", "flashattn2", "unsloth", "liger_kernel"]
 CSS = """
 .error-box {color: #b91c1c; background: #fef2f2; border: 1px solid #fecaca; border-radius: 6px; padding: 6px 10px;}
 .ok-box {color: #166534;}
@@ -136,13 +136,15 @@ def build_app(runs_root: str | os.PathLike = "runs", lang: str = "en",
             with ui.text(gr.Tab("Runs", id="runs", elem_id="tab-runs"), "tab_runs"):
                 runs.build(ui)
 
-        # The booster is a shortcut over the schema's own fields (attention, unsloth): it sets them,
-        # so the YAML and the CLI line show exactly what will run.
+        # The booster is a shortcut over the schema's own fields (attention, unsloth, liger): it sets
+        # them, so the YAML and the CLI line show exactly what will run.
         def apply_booster(choice):
             attn = {"flashattn2": "flash_attention_2"}.get(choice, form.NONE)
-            return gr.update(value=attn), gr.update(value=choice == "unsloth")
+            return (gr.update(value=attn), gr.update(value=choice == "unsloth"),
+                    gr.update(value=choice == "liger_kernel"))
 
-        booster.change(apply_booster, booster, [ui.fields["attn_implementation"], ui.fields["unsloth"]])
+        booster.change(apply_booster, booster, [ui.fields["attn_implementation"], ui.fields["unsloth"],
+                                                ui.fields["liger_kernel"]])
         model.change(lambda m: gr.update(choices=adapters_for(runs_root, m), value=None), model, adapter)
         adapter.focus(lambda m: gr.update(choices=adapters_for(runs_root, m)), model, adapter)
 

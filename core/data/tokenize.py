@@ -181,3 +181,72 @@ def pack_dataset(dataset, *, cutoff_len: int, pad_token_id: int | None = None, s
              flat_ids.size, len(block_ids), cutoff_len)
     return Dataset.from_dict({"input_ids": block_ids.tolist(), "attention_mask": block_mask.tolist(),
                               "labels": block_labels.tolist()})
+
+
+def neat_pack_dataset(dataset, *, cutoff_len: int, source: str = "dataset"):
+    """Pack whole examples into rows of at most cutoff_len tokens without letting them see each
+    other: position_ids restart at 0 for every example, which transformers turns into a
+    block-diagonal causal mask (sdpa/eager) or variable-length attention (flash-attention 2) when
+    no attention_mask is given. The first label of each example is -100 (nothing before it in its
+    own sequence predicts it), so a row's loss equals that of its examples run one by one.
+
+    Examples are placed first-fit by decreasing length (an example longer than cutoff_len was
+    already truncated by tokenize_dataset); none is split across rows.
+    """
+    from datasets import Dataset
+
+    if cutoff_len < 1:
+        raise ValueError(f"cutoff_len must be >= 1, got {cutoff_len}")
+    ids = list(dataset["input_ids"])
+    labels = list(dataset["labels"]) if "labels" in dataset.column_names else ids
+    if not ids:
+        raise DataError(source, "nothing to pack: no examples", fix="check that the records hold text")
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    rows: list[list[int]] = []  # example indices per row
+    room: list[int] = []
+    for i in order:
+        n = min(len(ids[i]), cutoff_len)
+        slot = next((r for r, free in enumerate(room) if free >= n), None)
+        if slot is None:
+            rows.append([]), room.append(cutoff_len)
+            slot = len(rows) - 1
+        rows[slot].append(i)
+        room[slot] -= n
+    out: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": []}
+    for row in rows:
+        row_ids, row_labels, row_pos = [], [], []
+        for i in row:
+            x, y = ids[i][:cutoff_len], labels[i][:cutoff_len]
+            row_ids += x
+            row_labels += [IGNORE_INDEX] + list(y[1:])
+            row_pos += list(range(len(x)))
+        out["input_ids"].append(row_ids)
+        out["labels"].append(row_labels)
+        out["position_ids"].append(row_pos)
+    log.info("%s: neat-packed %d examples into %d rows of at most %d tokens (%.0f%% filled)", source, len(ids),
+             len(rows), cutoff_len, 100 * sum(map(len, out["input_ids"])) / (len(rows) * cutoff_len))
+    return Dataset.from_dict(out)
+
+
+class NeatPackCollator:
+    """Batches of neat-packed rows: right-padded, no attention_mask (the position ids carry the
+    example boundaries; the padding forms its own trailing sequence, which causal attention keeps
+    away from the real tokens), labels -100 on padding, and no KV cache so transformers builds the
+    packed-sequence mask."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad = pad_token_id
+
+    def __call__(self, features):
+        import torch
+
+        width = max(len(f["input_ids"]) for f in features)
+        batch = {"input_ids": [], "labels": [], "position_ids": []}
+        for f in features:
+            n = len(f["input_ids"])
+            batch["input_ids"].append(list(f["input_ids"]) + [self.pad] * (width - n))
+            batch["labels"].append(list(f["labels"]) + [IGNORE_INDEX] * (width - n))
+            batch["position_ids"].append(list(f["position_ids"]) + list(range(width - n)))
+        out = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+        out["use_cache"] = False
+        return out

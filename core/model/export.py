@@ -35,7 +35,11 @@ def save_trained(model, tokenizer, out_dir, *, merge_adapter: bool = True, safe_
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if is_peft_model(model):
-        model.save_pretrained(out, safe_serialization=safe_serialization, state_dict=state_dict)
+        # PiSSA rewrote the base weights in memory; converting against the initial adapter saves a
+        # plain LoRA (rank 2r) of the original base, which is what reloads and merges from disk.
+        pissa = getattr(model, "pissa_init_dir", None)
+        extra = {"path_initial_model_for_weight_conversion": pissa} if pissa else {}
+        model.save_pretrained(out, safe_serialization=safe_serialization, state_dict=state_dict, **extra)
         if tokenizer is not None:
             tokenizer.save_pretrained(out)
         written = {"adapter": out}

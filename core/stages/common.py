@@ -49,43 +49,62 @@ def load_records(params: LLMTrainingParams, kind: str):
 
 
 def load_trainable_model(params: LLMTrainingParams, path, model_class=None):
-    """The model with the chosen method applied (full / freeze / LoRA)."""
+    """The model with the chosen method applied (full / freeze / LoRA family), quantized and
+    boosted as asked (each booster falls back with a warning when it cannot run)."""
+    from transformers import AutoConfig
+
+    from core.model import boosters
     from core.model.adapters import apply_finetuning, trainable_summary
     from core.model.loader import load_model, pick_attention, pick_dtype
 
-    if params.unsloth:  # seed 001's fallback: say so once and train on the standard path
-        import importlib.util
-
-        if importlib.util.find_spec("unsloth") is None or device_type() != "cuda":
-            log.warning("WARNING: Unsloth not available, continuing without it...")
     dtype = pick_dtype(params.mixed_precision, device_type())
+    config = AutoConfig.from_pretrained(path, trust_remote_code=params.trust_remote_code)
+    prequantized = boosters.check_prequantized(config, params)
+    if model_class is None and boosters.use_unsloth(params, getattr(config, "model_type", None)):
+        model = boosters.load_unsloth(params, path, dtype=dtype, max_seq_length=cutoff_len(params, config))
+        return model, dtype
     # On a CPU memory is rarely the limit for the models that train here, and checkpointing
     # costs a second forward pass: keep it for accelerators unless the user disabled it.
     checkpointing = not params.disable_gradient_checkpointing and device_type() == "cuda"
     if not checkpointing and not params.disable_gradient_checkpointing:
         log.info("gradient checkpointing off on CPU (it would recompute activations for no memory need)")
     extra = {"config": rope_scaled_config(params, path)} if params.rope_scaling else {}
-    if params.quantization:
-        extra["quantization_config"] = quantization_config(params.quantization, dtype)
+    if params.quantization and params.quantization_method == "bitsandbytes":
+        extra["quantization_config"] = quantization_config(
+            params.quantization, compute_dtype(params, dtype), quant_type=params.bnb_4bit_quant_type,
+            double_quant=params.double_quantization)
+    if prequantized:
+        log.info("%s is a pre-quantized %s checkpoint: training LoRA on it", params.model, prequantized)
     model = load_model(path, dtype=dtype,
                        attn_implementation=pick_attention(params.attn_implementation, params.use_flash_attention_2),
                        trust_remote_code=params.trust_remote_code, gradient_checkpointing=checkpointing,
                        model_class=model_class, **extra)
+    if params.quantization and params.quantization_method == "hqq":
+        model = boosters.hqq_quantize(model, bits=4 if params.quantization == "int4" else 8,
+                                      compute_dtype=compute_dtype(params, dtype))
     model = apply_finetuning(
         model, finetuning_type=params.finetuning_type, lora_r=params.lora_r, lora_alpha=params.lora_alpha,
         lora_dropout=params.lora_dropout, target_modules=params.target_modules,
         freeze_trainable_layers=params.freeze_trainable_layers,
         freeze_trainable_modules=params.freeze_trainable_modules,
-        freeze_extra_modules=params.freeze_extra_modules, adapter_path=params.adapter_path)
+        freeze_extra_modules=params.freeze_extra_modules, adapter_path=params.adapter_path,
+        use_rslora=params.use_rslora, use_dora=params.use_dora, pissa_init=params.pissa_init,
+        additional_target=params.additional_target, create_new_adapter=params.create_new_adapter,
+        work_dir=Path(params.project_name))
     trainable, total = trainable_summary(model)
     log.info("method %s: %s of %s parameters trainable (%.2f%%)", params.finetuning_type,
              f"{trainable:,}", f"{total:,}", 100.0 * trainable / max(total, 1))
     return model, dtype
 
 
-def quantization_config(kind: str, dtype):
-    """The BitsAndBytesConfig for --quantization (QLoRA): int4 is NF4 with double quantization and
-    the run dtype as compute dtype; int8 is LLM.int8(). bitsandbytes is imported only here."""
+def compute_dtype(params: LLMTrainingParams, dtype):
+    """--compute-dtype of quantized layers, defaulting to the run's dtype."""
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(params.compute_dtype, dtype)
+
+
+def quantization_config(kind: str, dtype, *, quant_type: str = "nf4", double_quant: bool = True):
+    """The BitsAndBytesConfig for --quantization (QLoRA): int4 is NF4 (or FP4) with double
+    quantization and dtype as compute dtype; int8 is LLM.int8(). bitsandbytes is imported only here."""
     import importlib.util
 
     if importlib.util.find_spec("bitsandbytes") is None:
@@ -94,8 +113,8 @@ def quantization_config(kind: str, dtype):
     from transformers import BitsAndBytesConfig
 
     if kind == "int4":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=dtype)
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                                  bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=dtype)
     if kind == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
     raise ConfigError(f"--quantization {kind!r}: expected int4 or int8")
@@ -157,6 +176,12 @@ def training_args(params: LLMTrainingParams, run_dir: Path, *, n_train: int, has
     """TrainingArguments from the schema. The same for every stage built on HF/TRL trainers."""
     from transformers import TrainingArguments
 
+    from core.model import boosters
+    from core.stages import efficiency
+
+    efficiency.check_optimizer_packages(params)
+    if params.group_by_length and packed(params):
+        log.info("--group-by-length is off: packed blocks all have the same length")
     cls = overrides.pop("args_class", TrainingArguments)
     eval_strategy = params.eval_strategy if has_eval else "no"
     if params.eval_strategy != "no" and not has_eval:
@@ -170,7 +195,11 @@ def training_args(params: LLMTrainingParams, run_dir: Path, *, n_train: int, has
         gradient_accumulation_steps=params.gradient_accumulation,
         learning_rate=params.lr,
         warmup_steps=params.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
-        optim=params.optimizer,
+        optim=efficiency.training_optim_name(params),
+        optim_target_modules=_optim_targets(params),
+        optim_args=params.optim_args,
+        neftune_noise_alpha=params.neftune_noise_alpha,
+        use_liger_kernel=boosters.use_liger(params),
         lr_scheduler_type=params.scheduler,
         weight_decay=params.weight_decay,
         max_grad_norm=params.max_grad_norm,
@@ -196,10 +225,24 @@ def training_args(params: LLMTrainingParams, run_dir: Path, *, n_train: int, has
         # when DeepSpeed starts them (its state otherwise sees one process on a CPU)
         ddp_backend="gloo" if device_type() == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
     )
+    if params.group_by_length and not packed(params):  # else the config's own default (KTO needs sequential)
+        kw["train_sampling_strategy"] = "group_by_length"
     kw.update(overrides)
     args = cls(**kw)
     args.keep_checkpoints = params.save_total_limit  # read by core.events.RunLogCallback.on_save
     return args
+
+
+def _optim_targets(params: LLMTrainingParams):
+    """GaLore/APOLLO's target modules: "all-linear" or a list of names."""
+    if not params.optimizer.startswith(("galore", "apollo")):
+        return None
+    names = [n.strip() for n in (params.optim_target_modules or "all-linear").split(",") if n.strip()]
+    return "all-linear" if names == ["all-linear"] else names
+
+
+def packed(params: LLMTrainingParams) -> bool:
+    return bool(params.packing or params.neat_packing)
 
 
 def resume_path(params: LLMTrainingParams, run_dir: Path) -> Optional[str]:
@@ -240,6 +283,9 @@ def train_and_save(trainer, params: LLMTrainingParams, run_dir: Path, tokenizer,
     from core.model.export import save_trained
     from core.templates import attach_template
 
+    from core.stages.efficiency import configure_trainer
+
+    configure_trainer(trainer, params, getattr(trainer.model, "config", None))
     tracking = add_callbacks(trainer, params, run_dir, tokenizer, template, has_eval=has_eval)
     try:
         result = trainer.train(resume_from_checkpoint=resume_path(params, run_dir))

@@ -50,8 +50,12 @@ def tokenize_documents(tokenizer, records, *, add_eos_token: bool = True, batch:
 
 
 def _dataset(tokenizer, records, params: LLMTrainingParams, block: int, source: str):
-    from core.data.tokenize import pack_dataset, tokenize_dataset
+    from core.data.tokenize import neat_pack_dataset, pack_dataset, tokenize_dataset
 
+    if params.neat_packing:  # whole documents per row, none attending to another
+        docs = tokenize_dataset(tokenizer, records, None, cutoff_len=block, add_eos_token=params.add_eos_token,
+                                source=source)
+        return neat_pack_dataset(docs, cutoff_len=block, source=source)
     if params.packing is False:
         return tokenize_dataset(tokenizer, records, None, cutoff_len=block, add_eos_token=params.add_eos_token,
                                 source=source)
@@ -61,7 +65,9 @@ def _dataset(tokenizer, records, params: LLMTrainingParams, block: int, source: 
 
 def build_trainer(params: LLMTrainingParams, run_dir: Path):
     """(trainer, tokenizer, chat template, has_eval): everything configured, nothing trained yet."""
-    from transformers import DataCollatorForSeq2Seq, Trainer, default_data_collator, set_seed
+    from transformers import DataCollatorForSeq2Seq, default_data_collator, set_seed
+
+    from core.stages.efficiency import LMTrainer
 
     set_seed(params.seed)
     path, tokenizer, template, config = common.load_tokenizer_and_template(params)
@@ -75,9 +81,12 @@ def build_trainer(params: LLMTrainingParams, run_dir: Path):
     model, dtype = common.load_trainable_model(params, path)
     args = common.training_args(params, run_dir, n_train=len(train_ds), has_eval=eval_ds is not None,
                                 dtype=dtype)
-    collator = (DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
+    from core.data.tokenize import NeatPackCollator
+
+    collator = (NeatPackCollator(tokenizer.pad_token_id) if params.neat_packing
+                else DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
                 if params.packing is False else default_data_collator)
-    trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+    trainer = LMTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                       data_collator=collator, processing_class=tokenizer,
                       callbacks=[RunLogCallback(run_dir, "pt")])
     # Plain text has no conversation format; a template is saved only when one was asked for

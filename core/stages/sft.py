@@ -17,9 +17,10 @@ log = logging.getLogger("aitraining")
 
 def build_trainer(params: LLMTrainingParams, run_dir: Path):
     """(trainer, tokenizer, chat template, has_eval): everything configured, nothing trained yet."""
-    from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
+    from transformers import DataCollatorForSeq2Seq, default_data_collator, set_seed
 
-    from core.data.tokenize import tokenize_dataset
+    from core.data.tokenize import NeatPackCollator, neat_pack_dataset, pack_dataset, tokenize_dataset
+    from core.stages.efficiency import LMTrainer
 
     set_seed(params.seed)
     path, tokenizer, template, config = common.load_tokenizer_and_template(params)
@@ -40,18 +41,30 @@ def build_trainer(params: LLMTrainingParams, run_dir: Path):
     log.info("data: %d training and %d validation examples, cutoff %d tokens", len(train_ds),
              len(eval_ds) if eval_ds is not None else 0, opts["cutoff_len"])
 
+    # Validation is packed the same way: neat packing leaves its loss exactly as unpacked.
+    collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
+    if params.neat_packing:
+        train_ds, eval_ds = (neat_pack_dataset(ds, cutoff_len=opts["cutoff_len"], source=src) if ds is not None
+                             else None for ds, src in ((train_ds, params.data_path), (eval_ds, "validation")))
+        collator = NeatPackCollator(tokenizer.pad_token_id)
+    elif params.packing:
+        train_ds, eval_ds = (pack_dataset(ds, cutoff_len=opts["cutoff_len"], pad_token_id=tokenizer.pad_token_id,
+                                          source=src) if ds is not None else None
+                             for ds, src in ((train_ds, params.data_path), (eval_ds, "validation")))
+        collator = default_data_collator
+
     model, dtype = common.load_trainable_model(params, path)
     args = common.training_args(params, run_dir, n_train=len(train_ds), has_eval=eval_ds is not None,
                                 dtype=dtype)
-    trainer_class = Trainer
+    trainer_class = LMTrainer
     if params.curriculum:
         from core.curriculum import CurriculumTrainer
 
-        trainer_class = type("SFTCurriculumTrainer", (CurriculumTrainer,),
+        trainer_class = type("SFTCurriculumTrainer", (CurriculumTrainer, LMTrainer),
                              {"curriculum_epochs": params.curriculum_epochs})
     trainer = trainer_class(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True),
+        data_collator=collator,
         processing_class=tokenizer, callbacks=[RunLogCallback(run_dir, "sft")],
     )
     return trainer, tokenizer, template, eval_ds is not None
@@ -60,3 +73,4 @@ def build_trainer(params: LLMTrainingParams, run_dir: Path):
 def run(params: LLMTrainingParams, run_dir: Path) -> dict:
     trainer, tokenizer, template, has_eval = build_trainer(params, run_dir)
     return common.train_and_save(trainer, params, run_dir, tokenizer, template, has_eval=has_eval)
+

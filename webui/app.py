@@ -143,6 +143,8 @@ def build_app(runs_root: str | os.PathLike = "runs", lang: str = "en",
         lang_box.change(switch_language, lang_box, [c for c, _ in ui.translations])
         on_load, load_outputs = ui.extra["on_load"]
         demo.load(on_load, None, load_outputs)
+        estimate_fn, estimate_in, estimate_out = ui.extra["estimate"]
+        demo.load(estimate_fn, estimate_in, estimate_out, show_progress="hidden")
     demo.ui = ui  # for tests and launch
     return demo
 

@@ -32,7 +32,8 @@ def build_trainer(params: LLMTrainingParams, run_dir: Path):
     log.info("data: %d training and %d validation examples, cutoff %d tokens", len(train_ds),
              len(eval_ds) if eval_ds is not None else 0, opts["cutoff_len"])
 
-    model, dtype = common.load_trainable_model(params, path)
+    longest = max((len(x) for x in train_ds["input_ids"]), default=0)
+    model, dtype = common.load_trainable_model(params, path, seq_len=longest)
     args = common.training_args(params, run_dir, n_train=len(train_ds), has_eval=eval_ds is not None,
                                 dtype=dtype)
     trainer = Trainer(

@@ -335,8 +335,10 @@ def main(argv=None) -> int:
             results[engine].append(res)
             print(f"rep {rep + 1} {engine}: " + (res.get("error") or
                   f"{res['tokens_per_s']:.1f} tokens/s, peak {res['peak_mib']:.0f} MiB, padding "
-                  f"{res['padding']:.1%}" + (", packed" if res.get("packed") else "")) +
-                  f" ({time.time() - start:.0f} s)", flush=True)
+                  f"{res['padding']:.1%}, first step {res['first_step_s']:.1f} s"
+                  + (", packed" if res.get("packed") else "")) + f" ({time.time() - start:.0f} s)", flush=True)
+            if ns.json:  # after every run, so a long benchmark stopped early keeps what it measured
+                Path(ns.json).write_text(json.dumps({"config": cfg, "results": results}, indent=1))
     import peft
     import torch
     import transformers

@@ -343,8 +343,12 @@ def estimate(params, *, config=None, device: Optional[str] = None, seq_len: Opti
     gradients = shape.trainable * grad_bytes
     optimizer = shape.trainable * grad_bytes * _optimizer_states(params.optimizer)
 
-    # activations for one micro-batch of b x s tokens
-    tokens = b * s
+    # a frozen copy for the KL / reference term (with LoRA the base itself, adapters off, serves)
+    stage = getattr(params, "stage", "sft")
+    if stage in ("dpo", "kto", "ppo") and not lora:
+        weights *= 2
+    # activations for one micro-batch of b x s tokens; preference stages run chosen and rejected
+    tokens = b * s * (2 if stage in ("dpo", "orpo", "simpo", "kto", "reward") else 1)
     h, i, L = shape.hidden, shape.inter, shape.layers
     per_layer = ACT_HIDDEN * h + 4 * h * shape.kv_ratio + ACT_INTER * i
     if lora and params.lora_dropout > 0:

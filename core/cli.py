@@ -184,13 +184,14 @@ def cmd_llm(argv: Sequence[str]) -> int:
     project = Project(params)
     if ns.dry_run:
         path = project.write_config()
+        project.report()
         sys.stdout.write(path.read_text(encoding="utf-8"))
         return 0
     if not ns.train:
         print("Nothing to do: add --train to start training (or --dry-run to check the config, "
               "--help for the flags).", file=sys.stderr)
         return 2
-    return project.create()
+    return project.create(report=True)
 
 
 def export_parser() -> argparse.ArgumentParser:

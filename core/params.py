@@ -103,8 +103,14 @@ class LLMTrainingParams(BaseModel):
         "checkpoint")
 
     # --- performance and memory --------------------------------------------------------------
-    auto_find_batch_size: bool = P(False, "Automatically find the largest batch size that fits",
+    auto_find_batch_size: bool = P(False, "Find the largest batch size that fits (up to batch x "
+                                   "accumulation, keeping their product) from the memory estimate",
                                    "performance")
+    max_memory_gb: Optional[float] = P(None, "Memory budget in GiB for the pre-run estimate and "
+                                       "--auto-find-batch-size (default: the free RAM / GPU memory)",
+                                       "performance", gt=0)
+    memory_check: bool = P(True, "Refuse a run whose estimated peak memory exceeds the memory available "
+                           "(--no-memory-check starts it anyway)", "performance")
     disable_gradient_checkpointing: bool = P(False, "Disable gradient checkpointing (memory optimization)",
                                              "performance")
     unsloth: bool = P(False, "Use Unsloth for faster training (SFT only; llama/mistral/gemma/qwen2)",

@@ -24,6 +24,12 @@ from core.launch import STOP_GRACE_S
 from core.params import LLMTrainingParams
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 class Project:
     def __init__(self, params: LLMTrainingParams, backend: str = "local", process: bool = True):
         if backend != "local" or params.backend != "local":
@@ -32,6 +38,8 @@ class Project:
         self.params = params
         self.process = process
         self.run_dir = Path(params.project_name)
+        self.estimate = None     # core.model.memory.Estimate, set by check()
+        self.notes: list[str] = []  # what check() decided (a batch size found, checkpointing on)
 
     @property
     def config_path(self) -> Path:
@@ -61,15 +69,58 @@ class Project:
         check_model_paths(p)
         from core.data.loader import load_for_params
 
-        load_for_params(p, kind=STAGES[p.stage].data_kind)
+        train, _ = load_for_params(p, kind=STAGES[p.stage].data_kind)
         check_tokenizers(p)
+        self.check_memory(train)
+
+    def check_memory(self, records=None) -> None:
+        """Estimate peak memory and step time (self.estimate); with --auto-find-batch-size pick the
+        largest batch that fits; refuse a run that will not fit unless --no-memory-check."""
+        from core.model import memory
+
+        p = self.params
+        config = memory.config_if_local(p.model, p.trust_remote_code)
+        if config is None:  # not converted / downloaded yet: the run itself will tell
+            self.estimate = None
+            return
+        seq = memory.data_seq_len(p, config, records)
+        device = "cuda" if _cuda() else "cpu"
+        if p.auto_find_batch_size:
+            b, ga, _ = memory.find_batch_size(p, config=config, device=device, seq_len=seq,
+                                              n_train=len(records) if records else None)
+            if (b, ga) != (p.batch_size, p.gradient_accumulation):
+                self.notes.append(f"--auto-find-batch-size: batch size {b} with gradient accumulation {ga} "
+                                  f"(was {p.batch_size} x {p.gradient_accumulation}), the largest that the "
+                                  f"memory estimate fits on {device}")
+                self.params = p = memory.with_batch(p, b, ga)
+        est = memory.estimate(p, config=config, device=device, seq_len=seq)
+        if device == "cpu" and not est.fits and not p.disable_gradient_checkpointing:
+            ck = memory.estimate(p, config=config, device=device, seq_len=seq, checkpointing=True)
+            if ck.fits:
+                self.notes.append("gradient checkpointing on: without it the run would not fit in memory")
+                est = ck
+        self.estimate = est
+        if not est.fits and p.memory_check:
+            raise ConfigError(memory.refusal(p, est, config))
+
+    def report(self, file=None) -> None:
+        """Print the memory / time estimate and check()'s decisions (to stderr by default)."""
+        import sys
+
+        file = file or sys.stderr
+        for note in self.notes:
+            print(note, file=file)
+        if self.estimate is not None:
+            print(self.estimate.summary(), file=file)
 
     def write_config(self) -> Path:
         self.check()
         return config_io.save(self.params, self.config_path)
 
-    def create(self) -> int:
+    def create(self, report: bool = False) -> int:
         path = self.write_config()
+        if report:
+            self.report()
         if not self.process:
             from core.run import train
 

@@ -154,6 +154,8 @@ def build_app(runs_root: str | os.PathLike = "runs", lang: str = "en",
         lang_box.change(switch_language, lang_box, [c for c, _ in ui.translations])
         on_load, load_outputs = ui.extra["on_load"]
         demo.load(on_load, None, load_outputs)
+        estimate_fn, estimate_in, estimate_out = ui.extra["estimate"]
+        demo.load(estimate_fn, estimate_in, estimate_out, show_progress="hidden")
     # The page is the only client: no event is a public API. (Gradio 6 embeds the API description,
     # defaults included, in the login page it serves before --auth is checked; private endpoints
     # are left out of it and cannot be called by the Gradio client libraries.)

@@ -48,9 +48,10 @@ def load_records(params: LLMTrainingParams, kind: str):
     return load_for_params(params, kind)
 
 
-def load_trainable_model(params: LLMTrainingParams, path, model_class=None):
+def load_trainable_model(params: LLMTrainingParams, path, model_class=None, seq_len: Optional[int] = None):
     """The model with the chosen method applied (full / freeze / LoRA family), quantized and
-    boosted as asked (each booster falls back with a warning when it cannot run)."""
+    boosted as asked (each booster falls back with a warning when it cannot run). seq_len (the
+    longest example) lets a CPU run turn gradient checkpointing on when the memory estimate needs it."""
     from transformers import AutoConfig
 
     from core.model import boosters
@@ -66,6 +67,12 @@ def load_trainable_model(params: LLMTrainingParams, path, model_class=None):
     # On a CPU memory is rarely the limit for the models that train here, and checkpointing
     # costs a second forward pass: keep it for accelerators unless the user disabled it.
     checkpointing = not params.disable_gradient_checkpointing and device_type() == "cuda"
+    if device_type() == "cpu" and seq_len and not params.disable_gradient_checkpointing:
+        from core.model.memory import needs_checkpointing
+
+        if needs_checkpointing(params, "cpu", seq_len=seq_len):
+            checkpointing = True
+            log.info("gradient checkpointing on: the memory estimate does not fit without it")
     if not checkpointing and not params.disable_gradient_checkpointing:
         log.info("gradient checkpointing off on CPU (it would recompute activations for no memory need)")
     extra = {"config": rope_scaled_config(params, path)} if params.rope_scaling else {}

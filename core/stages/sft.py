@@ -53,7 +53,8 @@ def build_trainer(params: LLMTrainingParams, run_dir: Path):
                              for ds, src in ((train_ds, params.data_path), (eval_ds, "validation")))
         collator = default_data_collator
 
-    model, dtype = common.load_trainable_model(params, path)
+    longest = max((len(x) for x in train_ds["input_ids"]), default=0)
+    model, dtype = common.load_trainable_model(params, path, seq_len=longest)
     args = common.training_args(params, run_dir, n_train=len(train_ds), has_eval=eval_ds is not None,
                                 dtype=dtype)
     trainer_class = LMTrainer

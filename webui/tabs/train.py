@@ -115,6 +115,40 @@ def device_summary() -> str:
     return f"{n} GPU: " + ", ".join(f"{i} {torch.cuda.get_device_name(i)}" for i in range(n))
 
 
+# The fields whose change redraws the memory / time estimate.
+ESTIMATE_INPUTS = ("model", "finetuning_type", "quantization", "batch_size", "block_size", "gradient_accumulation",
+                   "data_path", "mixed_precision", "lora_r", "target_modules", "optimizer", "packing",
+                   "max_memory_gb", "disable_gradient_checkpointing", "freeze_trainable_layers")
+
+
+def estimate_markdown(p: LLMTrainingParams, lang: str) -> str:
+    """The train tab's estimate line for these parameters (check()'s numbers, in the UI's language)."""
+    from core.errors import ConfigError
+    from core.model.memory import GIB, fmt_s
+    from core.project import Project
+
+    from core.stages.common import load_records
+
+    project = Project(p.model_copy(update={"memory_check": True}))
+    try:
+        records, _ = load_records(p, kind=STAGES[p.stage].data_kind)
+    except UserError:  # the data's own errors show in the preview; estimate from the block size
+        records = None
+    try:
+        project.check_memory(records)
+    except ConfigError as e:
+        return t("estimate_too_big", lang, message=str(e))
+    est = project.estimate
+    if est is None:
+        return t("estimate_unknown", lang)
+    g = lambda b: f"{b / GIB:.2f}"  # noqa: E731
+    text = t("estimate", lang, peak=g(est.total), available=g(est.available or 0), device=est.device,
+             weights=g(est.weights), state=g(est.gradients + est.optimizer), activations=g(est.activations),
+             batch=est.batch_size, tokens=est.seq_len, step=fmt_s(est.step_seconds),
+             ckpt=t("estimate_checkpointing", lang) if est.checkpointing else "")
+    return "\n\n".join([text, *project.notes])
+
+
 def build(ui) -> None:
     lang = ui.lang
     with gr.Row():
@@ -154,6 +188,7 @@ def build(ui) -> None:
         for name in ("distributed_backend", "devices", "num_processes", "deepspeed_stage"):
             ui.widget(name)
     resume_md = gr.Markdown(elem_id="resume-info")
+    estimate_md = gr.Markdown(elem_id="memory-estimate")
     with gr.Row():
         b_cmd = ui.text(gr.Button("Preview command", elem_id="btn-preview-cmd"), "btn_preview_cmd", "value")
         b_save = ui.text(gr.Button("Save arguments", elem_id="btn-save"), "btn_save", "value")
@@ -232,6 +267,19 @@ def build(ui) -> None:
 
     preview_btn.click(do_preview, [page, *inputs], preview_html)
     page.change(do_preview, [page, *inputs], preview_html)
+
+    # -- memory / time estimate ---------------------------------------------------------------
+    def show_estimate(lang_value, *args):
+        try:
+            return estimate_markdown(params_from(args), lang_value or ui.lang)
+        except UserError as e:
+            return t("estimate_too_big", lang_value or ui.lang, message=str(e))
+        except Exception as e:  # an estimate must never break the form
+            return f"Estimate unavailable: {type(e).__name__}: {e}"
+
+    for name in ESTIMATE_INPUTS:
+        ui.fields[name].change(show_estimate, [ui.extra["lang"], *inputs], estimate_md, show_progress="hidden")
+    ui.extra["estimate"] = (show_estimate, [ui.extra["lang"], *inputs], estimate_md)
 
     # -- arguments ----------------------------------------------------------------------------
     def preview_command(*args):

@@ -5,8 +5,10 @@
     python bench/throughput.py --model gemma                           # packaged Gemma 3 270M
 
 (a) ours:     this project's engine (core.stages.sft.build_trainer) with its own choices (fp32 on
-              a CPU without native bf16, no gradient checkpointing when memory is ample, SDPA,
-              data tokenized once) and --packing (full blocks) where the SFT stage packs;
+              a CPU, no gradient checkpointing when memory is ample, SDPA, data tokenized once)
+              and --packing (full blocks of --seq tokens);
+    ours-bf16: the same with --mixed-precision bf16, run only where the device has native bf16
+              (a CPU with AVX512-BF16/AMX, most GPUs);
 (b) baseline: transformers Trainer + peft written here with library defaults: tokenize with
               truncation, DataCollatorForLanguageModeling padding to the longest in the batch,
               default TrainingArguments;
@@ -37,7 +39,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = {"tiny": None, "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct", "gemma": "google/gemma-3-270m"}
-ENGINES = ("ours", "baseline", "trl")
+ENGINES = ("ours", "ours-bf16", "baseline", "trl")
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear")
 LR = 2e-4
 
@@ -163,6 +165,7 @@ def run_ours(cfg: dict, meter: Meter) -> dict:
         lora_r=LORA["r"], lora_alpha=LORA["lora_alpha"], lora_dropout=LORA["lora_dropout"],
         target_modules=LORA["target_modules"], batch_size=cfg["batch"], gradient_accumulation=1,
         max_steps=cfg["steps"], lr=LR, seed=cfg["seed"], block_size=cfg["seq"], packing=True, log="none",
+        mixed_precision=cfg.get("mixed_precision"),
         save_strategy="no", eval_strategy="no", logging_steps=1000, merge_adapter=False,
         chat_template=None if cfg["chat"] else "none")
     trainer, *_ = sft.build_trainer(params, Path(cfg["out"]))
@@ -226,6 +229,8 @@ def run_trl(cfg: dict, meter: Meter) -> dict:
 
 def worker(engine: str, cfg: dict) -> None:
     meter = Meter(float(os.environ.get("BENCH_T0") or time.time()))
+    if engine == "ours-bf16":  # the same engine, weights in bf16 with autocast (--mixed-precision bf16)
+        engine, cfg = "ours", {**cfg, "mixed_precision": "bf16"}
     res = {"ours": run_ours, "baseline": run_baseline, "trl": run_trl}[engine](cfg, meter)
     print("BENCH_RESULT " + json.dumps(res))
 
@@ -247,6 +252,18 @@ def spawn(engine: str, cfg: dict, timeout: float) -> dict:
         if line.startswith("BENCH_RESULT "):
             return json.loads(line[len("BENCH_RESULT "):])
     return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+
+
+def native_bf16() -> bool:
+    """bf16 matmuls in hardware: a CUDA GPU that supports it, or a CPU with AVX512-BF16 / AMX."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def median(values):
@@ -277,17 +294,16 @@ def table(results: dict[str, list[dict]]) -> str:
 
 
 def ratios(results: dict[str, list[dict]]) -> str:
-    ours = results.get("ours", [])
     out = []
-    for other in ("baseline", "trl"):
-        runs = results.get(other, [])
+    for mine, other in (("ours", "baseline"), ("ours", "trl"), ("ours-bf16", "baseline"), ("ours-bf16", "trl")):
+        ours, runs = results.get(mine, []), results.get(other, [])
         pairs = [(a, b) for a, b in zip(ours, runs) if "error" not in a and "error" not in b]
         if not pairs:
             continue
         tps = median([a["tokens_per_s"] / b["tokens_per_s"] for a, b in pairs])
         mem = median([a["peak_mib"] / b["peak_mib"] for a, b in pairs])
         ttfs = median([a["first_step_s"] / b["first_step_s"] for a, b in pairs])
-        out.append(f"ours / {other}: trained tokens/s x{tps:.2f}, peak memory x{mem:.2f}, time to first "
+        out.append(f"{mine} / {other}: trained tokens/s x{tps:.2f}, peak memory x{mem:.2f}, time to first "
                    f"step x{ttfs:.2f} (medians of {len(pairs)} paired runs)")
     return "\n".join(out)
 
@@ -327,6 +343,9 @@ def main(argv=None) -> int:
     cfg = dict(model=model_id, path=str(path), data=str(data), batch=ns.batch, seq=ns.seq, steps=ns.steps,
                seed=ns.seed, chat=chat)
     engines = [e.strip() for e in ns.engines.split(",") if e.strip()]
+    if "ours-bf16" in engines and not native_bf16():
+        print("ours-bf16 skipped: this device has no native bf16 (it would be emulated, slower than fp32)")
+        engines.remove("ours-bf16")
     results: dict[str, list[dict]] = {e: [] for e in engines}
     for rep in range(ns.reps):
         for engine in engines:
@@ -353,8 +372,7 @@ def main(argv=None) -> int:
           f"trl {trl.__version__}")
     ours = results.get("ours") or []
     if ours and "error" not in ours[0]:
-        print("ours packs its batches: " + ("yes" if ours[0].get("packed") else
-                                            "no (the SFT stage does not pack yet; --packing was passed)"))
+        print("ours packs its batches: " + ("yes" if ours[0].get("packed") else "no"))
     print()
     print(table(results))
     print()

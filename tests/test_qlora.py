@@ -20,7 +20,10 @@ def test_qlora_trains_only_lora_on_a_quantized_model(kind, tiny_model_dir, tmp_p
 
     out = tmp_path / f"run-{kind}"
     p = base_params(tiny_model_dir, write_alpaca(tmp_path / "train.jsonl"), out, peft=True,
-                    quantization=kind, epochs=4, lr=2e-2)
+                    quantization=kind, epochs=4, lr=2e-2,
+                    # bitsandbytes' CPU inference repacks 4-bit weights in place on the first
+                    # generate (same values, new layout), which would read as "changed" below
+                    post_train_check=False)
     assert Project(p, process=False).create() == 0
 
     model, before = spy_model["model"], spy_model["before"]

@@ -311,7 +311,7 @@ def test_bad_input_on_start_is_a_red_message_and_the_page_keeps_working(server, 
 
     from corpus.generate import latin1
 
-    bad = tmp_path / "latin1.jsonl"
+    bad = server["data"] / "latin1.jsonl"  # the UI reads data only inside --data-dir
     latin1(bad)
     runs_before = sorted(server["runs"].glob("*/config.yaml"))
     ui = Page(browser, server["url"], tmp_path / "screens")

@@ -172,17 +172,18 @@ def test_redact_masks_known_tokens_wherever_a_message_goes(tmp_path, monkeypatch
     assert TOKEN not in error_html(f"bad {TOKEN}") and "***" in error_html(f"bad {TOKEN}")
 
 
-def test_cli_errors_never_echo_the_token(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "core.cli", "llm", "--train", "--token", TOKEN, "--model", "x",
+def test_cli_errors_never_echo_the_token(tmp_path, tiny_model_dir):
+    out = subprocess.run([sys.executable, "-m", "core.cli", "llm", "--train", "--token", TOKEN, "--model",
+                          str(tiny_model_dir),
                           "--data-path", str(tmp_path / f"{TOKEN}.jsonl"), "--project-name", str(tmp_path / "r")],
                          capture_output=True, text=True, cwd=tmp_path, env=env_without_tokens(), timeout=300)
     assert out.returncode == 2 and "***.jsonl" in out.stderr, out.stderr
     assert TOKEN not in out.stdout + out.stderr
 
 
-def test_a_token_in_the_run_yaml_is_not_written_back(tmp_path):
+def test_a_token_in_the_run_yaml_is_not_written_back(tmp_path, tiny_model_dir):
     run_yaml = tmp_path / "run.yaml"
-    run_yaml.write_text(f"task: llm-sft\nbase_model: m\nproject_name: {tmp_path / 'r'}\nlog: none\n"
+    run_yaml.write_text(f"task: llm-sft\nbase_model: {tiny_model_dir}\nproject_name: {tmp_path / 'r'}\nlog: none\n"
                         f"hub:\n  token: {TOKEN}\n", encoding="utf-8")
     assert config_io.load(run_yaml).token.get_secret_value() == TOKEN  # it is read...
     data = write_alpaca(tmp_path / "train.jsonl")

@@ -196,3 +196,23 @@ def test_unsloth_falls_back_with_the_seed_warning(tiny_model_dir, tmp_path, capl
                     unsloth=True)
     assert Project(p, process=False).create() == 0
     assert "WARNING: Unsloth not available, continuing without it..." in (tmp_path / "u" / "running.log").read_text()
+
+
+def test_bf16_on_a_cpu_with_native_bf16_trains(tiny_model_dir, tmp_path, spy_model):
+    """--mixed-precision bf16 on a CPU that has it: weights load in bf16, the Trainer runs (it
+    refuses bf16 on a CPU unless told use_cpu), the loss falls and the LoRA weights move."""
+    from core.model.loader import cpu_has_native_bf16
+
+    if not cpu_has_native_bf16():
+        pytest.skip("this CPU has no native bf16 (the fallback to fp32 is tested in test_model_loader)")
+    out = tmp_path / "bf16"
+    p = base_params(tiny_model_dir, write_alpaca(tmp_path / "t.jsonl"), out, peft=True, mixed_precision="bf16",
+                    epochs=4)
+    assert Project(p, process=False).create() == 0
+    model = spy_model["model"]
+    assert model.base_model.model.model.embed_tokens.weight.dtype == torch.bfloat16
+    losses = [r["loss"] for r in read_log(out / "trainer_log.jsonl")[0] if r.get("loss") is not None]
+    assert losses[-1] < losses[0], losses
+    changed = [n for n, q in model.named_parameters() if q.requires_grad
+               and not torch.equal(q.detach(), spy_model["before"][n])]
+    assert changed and all("lora_" in n for n in changed)

@@ -222,6 +222,8 @@ def training_args(params: LLMTrainingParams, run_dir: Path, *, n_train: int, has
         auto_find_batch_size=params.auto_find_batch_size,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
+        # transformers refuses bf16 on a CPU unless told the CPU is meant (autocast on CPU)
+        use_cpu=device_type() == "cpu" and dtype != torch.float32,
         report_to=[r for r in report_to(params) if r != "tensorboard"],
         include_num_input_tokens_seen="non_padding",
         ddp_find_unused_parameters=False,

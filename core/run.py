@@ -187,41 +187,20 @@ def is_oom(e: BaseException) -> bool:
 
 
 def memory_estimate(params: LLMTrainingParams) -> str:
-    """A rough figure for the OOM message: weights + gradients/optimizer + activations, against
-    what the device has free."""
-    import torch
-
+    """The pre-run estimate (core/model/memory.py) for the OOM message, against free memory now."""
     try:
-        from transformers import AutoConfig
+        from core.model import memory
 
-        from core.model.loader import resolve_model
-
-        path = Path(resolve_model(params.model))
-        cfg = AutoConfig.from_pretrained(path, trust_remote_code=params.trust_remote_code)
-        cfg = getattr(cfg, "text_config", None) or cfg
-        weights = sum(f.stat().st_size for f in path.glob("*.safetensors")) or \
-            sum(f.stat().st_size for f in path.glob("*.bin"))
-        if params.quantization == "int4":
-            weights /= 4
-        elif params.quantization == "int8":
-            weights /= 2
-        # full/freeze: fp32 gradients and two Adam moments per weight; LoRA: a few percent of that
-        states = 3 * weights * (1.0 if params.finetuning_type == "full" else 0.05)
-        seq = params.block_size if params.block_size > 0 else params.model_max_length
-        tokens = params.batch_size * seq
-        acts = tokens * cfg.hidden_size * cfg.num_hidden_layers * 34 + tokens * cfg.vocab_size * 4 * 3
-        need = (weights + states + acts) / 2**30
+        return memory.estimate(params, config=memory.config_if_local(params.model, params.trust_remote_code),
+                               device="cuda" if _cuda_available() else "cpu").summary()
     except Exception as err:  # the estimate must never hide the real error
         return f"(no memory estimate: {err})"
-    if torch.cuda.is_available():
-        free = torch.cuda.mem_get_info()[0] / 2**30
-        where = "free on the GPU"
-    else:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
-        where = "free RAM"
-    return (f"Rough estimate for batch {params.batch_size} x {seq} tokens: {need:.2f} GiB "
-            f"(weights {weights / 2**30:.2f}, gradients+optimizer {states / 2**30:.2f}, activations "
-            f"{acts / 2**30:.2f}); {free:.2f} GiB {where} now.")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def oom_message(e: BaseException, params: LLMTrainingParams) -> str:

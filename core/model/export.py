@@ -60,6 +60,22 @@ def save_trained(model, tokenizer, out_dir, *, merge_adapter: bool = True, safe_
     return {"model": out}
 
 
+def save_atomically(model, tokenizer, out: Path, parent: Path, max_shard_size) -> None:
+    """Write model + tokenizer into a temporary sibling of out, then rename it into place: a crash
+    leaves either the old directory or the complete new one."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    try:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    out.chmod(0o755)
+
+
 def merge_adapter_dir(adapter_dir, out_dir, max_shard_size="2GB", *, trust_remote_code: bool = False,
                       device: str = "cpu", base: str | None = None) -> Path:
     """Load the adapter's base (fp32, on `device`), apply the adapter, merge, save base dtype to out_dir.
@@ -92,17 +108,7 @@ def merge_adapter_dir(adapter_dir, out_dir, max_shard_size="2GB", *, trust_remot
                          trust_remote_code=trust_remote_code)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        model.save_pretrained(tmp, max_shard_size=max_shard_size)
-        tok.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    out.chmod(0o755)
+    save_atomically(model, tok, out, out.parent, max_shard_size)
     log.info("Merged adapter %s into %s", adapter_dir, out)
     return out
 
@@ -184,17 +190,7 @@ def _resave(src, out: Path, max_shard_size, device: str, trust_remote_code: bool
 
     model = AutoModelForCausalLM.from_pretrained(src, dtype="auto", trust_remote_code=trust_remote_code)
     tok = load_tokenizer(src, trust_remote_code=trust_remote_code)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=_parent(out)))
-    try:
-        model.to(device).save_pretrained(tmp, max_shard_size=max_shard_size)
-        tok.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    out.chmod(0o755)
+    save_atomically(model.to(device), tok, out, _parent(out), max_shard_size)
 
 
 def _save_quantized(src: Path, out: Path, quantization: str, max_shard_size) -> None:

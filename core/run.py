@@ -19,7 +19,14 @@ import time
 import traceback
 from pathlib import Path
 
-from core import checkpoints, config_io
+# A stop (the web UI's Abort, Ctrl+C) can arrive while the libraries below still import: note
+# it instead of dying of the default SIGTERM action; train() turns it into a normal stop.
+_EARLY_STOP: list[int] = []
+if __name__ == "__main__":
+    for _s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(_s, lambda signum, frame: _EARLY_STOP.append(signum))
+
+from core import checkpoints, config_io  # noqa: E402
 from core.errors import UserError
 from core.events import STOP, is_main_process, rank, write_status
 from core.params import LLMTrainingParams
@@ -86,6 +93,8 @@ def train(params: LLMTrainingParams, run_dir: str | os.PathLike, *, console: boo
         _write_environment(run_dir)
     STOP.clear()
     previous = {s: signal.signal(s, _on_stop_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    if _EARLY_STOP:  # asked to stop while starting: stop at the first step, with a checkpoint
+        _on_stop_signal(_EARLY_STOP[0], None)
     # step None until the trainer says where it starts (a resumed run: its checkpoint's step)
     write_status(run_dir, "running", started=time.time(), pid=os.getpid(), pgid=os.getpgid(0),
                  stage=params.stage, error=None, reason=None, step=None)

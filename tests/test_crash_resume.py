@@ -473,3 +473,19 @@ def test_ctrl_c_in_the_cli_saves_a_checkpoint_and_leaves_no_process(tiny_model_d
     with pytest.raises(ProcessLookupError):
         os.killpg(cli.pid, 0)
     print(f"\nCtrl+C: stopped at step {stopped}, checkpoint saved and every process gone in {took:.1f} s")
+
+
+def test_a_stop_during_start_up_is_an_abort_not_a_kill(tiny_model_dir, tmp_path):
+    """SIGTERM while `python -m core.run` still imports its libraries (the web UI's Abort right
+    after Start): the process notes it, stops at its first step with a checkpoint and reports
+    `aborted`, instead of dying of the default SIGTERM action with no status."""
+    config = make_config(tiny_model_dir, write_alpaca(tmp_path / "t.jsonl"), tmp_path / "run", max_steps=50)
+    proc = subprocess.Popen([sys.executable, "-m", "core.run", str(config)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)  # well before torch and transformers have imported
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    status = read_status(tmp_path / "run")
+    assert status["state"] == "aborted", status
+    assert checkpoints.last_complete(tmp_path / "run") is not None

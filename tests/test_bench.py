@@ -13,7 +13,7 @@ from conftest import REPO
 def test_throughput_bench_smoke(tmp_path):
     out = tmp_path / "bench.json"
     res = subprocess.run([sys.executable, str(REPO / "bench" / "throughput.py"), "--model", "tiny", "--reps", "1",
-                          "--steps", "2", "--batch", "4", "--seq", "128", "--json", str(out)],
+                          "--steps", "2", "--batch", "4", "--seq", "128", "--engines", "ours,baseline,trl", "--json", str(out)],
                          capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     results = json.loads(out.read_text())["results"]

@@ -142,3 +142,17 @@ def test_web_estimate_line(tiny_model_dir, tmp_path):
     too_big = estimate_markdown(p.model_copy(update={"max_memory_gb": 0.01}), "en")
     assert too_big.startswith("**Will not fit:**") and "Fix:" in too_big
     assert "shown once the model" in estimate_markdown(p.model_copy(update={"model": "org/not-here"}), "en")
+
+
+def test_the_estimate_leaves_the_global_rng_alone(tiny_model_dir):
+    """Training processes estimate before building the model: a random number drawn there would
+    change the weight / LoRA initialisation (a DDP rank and one process would start apart)."""
+    import torch
+
+    from core.model import memory
+
+    p = LLMTrainingParams(model=str(tiny_model_dir), peft=True)
+    torch.manual_seed(1)
+    state = torch.get_rng_state().clone()
+    assert memory.needs_checkpointing(p, "cpu", seq_len=64) is False
+    assert torch.equal(state, torch.get_rng_state())

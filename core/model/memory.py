@@ -164,7 +164,9 @@ def device_flops(device: str) -> float:
                 return flops
         return 100e12
     n = 1024
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    # a private generator: the run's global RNG (weight init, LoRA init, data order) stays untouched
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
     a @ b  # warm-up
     reps, start = 0, time.perf_counter()
     while reps < 3 or time.perf_counter() - start < 0.2:
@@ -309,9 +311,19 @@ def seq_len_for(params, config) -> int:
     return min(params.model_max_length, ctx)
 
 
-def estimate(params, *, config=None, device: Optional[str] = None, seq_len: Optional[int] = None,
-             batch_size: Optional[int] = None, checkpointing: Optional[bool] = None,
-             available: Optional[float] = -1.0) -> Optional[Estimate]:
+def estimate(params, **kw) -> Optional[Estimate]:
+    """The estimate (see _estimate), leaving the global RNG as it was: it runs inside training
+    processes before the model is built, where a consumed random number would change the weight
+    and LoRA initialisation (and make runs differ by whether an estimate was made)."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        return _estimate(params, **kw)
+
+
+def _estimate(params, *, config=None, device: Optional[str] = None, seq_len: Optional[int] = None,
+              batch_size: Optional[int] = None, checkpointing: Optional[bool] = None,
+              available: Optional[float] = -1.0) -> Optional[Estimate]:
     """The estimate for these parameters, or None when the model's config is not on this machine.
 
     seq_len defaults to the longest a batch can be (a safe upper bound); batch_size and

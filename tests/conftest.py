@@ -81,3 +81,18 @@ def spy_model(monkeypatch):
 
     monkeypatch.setattr(common, "load_trainable_model", spy)
     return seen
+
+
+def live_processes(pids) -> list[int]:
+    """The pids that still run (zombies and vanished processes left out): the process-tree checks
+    after an abort or Ctrl+C."""
+    import psutil
+
+    out = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                out.append(pid)
+        except psutil.NoSuchProcess:
+            continue
+    return out

@@ -29,7 +29,7 @@ from core import checkpoints, config_io
 from core.events import LOG_FILE, read_log, read_status
 from core.params import LLMTrainingParams
 
-from conftest import REPO, write_alpaca
+from conftest import REPO, live_processes, write_alpaca
 
 SEED = 20261123
 TRIALS = 10
@@ -428,19 +428,6 @@ def descendants(pid: int) -> set[int]:
         return set()
 
 
-def alive(pids) -> list[int]:
-    import psutil
-
-    out = []
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                out.append(pid)
-        except psutil.NoSuchProcess:
-            pass
-    return out
-
-
 @pytest.mark.slow
 def test_ctrl_c_in_the_cli_saves_a_checkpoint_and_leaves_no_process(tiny_model_dir, tmp_path):
     data = write_alpaca(tmp_path / "train.jsonl")
@@ -469,7 +456,7 @@ def test_ctrl_c_in_the_cli_saves_a_checkpoint_and_leaves_no_process(tiny_model_d
     stopped = status["step"]
     assert 3 <= stopped < 2000
     assert complete_steps(run_dir) == [stopped], "the stop saved the step it reached"
-    assert alive(tree) == [], "no process of the run survives"
+    assert live_processes(tree) == [], "no process of the run survives"
     with pytest.raises(ProcessLookupError):
         os.killpg(cli.pid, 0)
     print(f"\nCtrl+C: stopped at step {stopped}, checkpoint saved and every process gone in {took:.1f} s")

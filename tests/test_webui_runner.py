@@ -19,7 +19,7 @@ from core.params import LLMTrainingParams
 from webui.runner import (CONSOLE_FILE, BusyError, Monitor, Runner, describe, last_checkpoint, list_runs,
                           pid_alive, read_config, run_summary, tail)
 
-from conftest import write_alpaca
+from conftest import live_processes, write_alpaca
 
 
 def params(tiny_model_dir, data, out, **kw) -> LLMTrainingParams:
@@ -47,16 +47,6 @@ def group_members(pgid: int) -> list[int]:
             if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
                 out.append(proc.pid)
         except (ProcessLookupError, psutil.NoSuchProcess):
-            continue
-    return out
-
-def survivors(pids) -> list[int]:
-    out = []
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                out.append(pid)
-        except psutil.NoSuchProcess:
             continue
     return out
 
@@ -276,7 +266,7 @@ def test_abort_stops_the_whole_group_with_a_checkpoint(tiny_model_dir, tmp_path)
     with pytest.raises(ProcessLookupError):  # reaped too: nothing left of the group at all
         wait_for(lambda: os.killpg(pgid, 0) or False, 5, "the group to be reaped", interval=0.05)
     assert time.time() - t0 < grace
-    assert survivors(tree) == [], "no process of the run survives, in or out of its group"
+    assert live_processes(tree) == [], "no process of the run survives, in or out of its group"
 
     status = read_status(run_dir)
     assert status["state"] == "aborted", (status, console(run_dir))

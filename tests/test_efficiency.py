@@ -3,6 +3,7 @@ details, boosters and their fallbacks. Each option is checked where it lands (pe
 optimizer, attention, quantization state) and trained for two steps on the tiny model."""
 import json
 import logging
+import os
 import subprocess
 import sys
 
@@ -122,15 +123,62 @@ def test_chunked_ce_equals_the_model_loss_and_its_gradients(tiny_model_dir, tiny
         torch.testing.assert_close(p.grad, grads[n], atol=1e-5, rtol=1e-4, msg=n)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias,softcap,scale", [(False, None, None), (True, 30.0, 0.5)])
+def test_fused_chunked_ce_matches_plain_cross_entropy(dtype, bias, softcap, scale):
+    """The fused path (gradients made in the forward pass) against F.cross_entropy on whole logits:
+    loss and the gradients of hidden states, head weight and bias; and the checkpointed path (a
+    head that is not a plain Linear) gives the same."""
+    import torch.nn.functional as F
+
+    from core.model.chunked_ce import _fusable, chunked_lm_loss
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=bias)
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 9))
+    labels[0, :4] = -100
+
+    def reference():
+        z = head(hidden[:, :-1]).float()
+        z = z * scale if scale else z
+        z = torch.tanh(z / softcap) * softcap if softcap else z
+        return F.cross_entropy(z.reshape(-1, 50), labels[:, 1:].reshape(-1), ignore_index=-100)
+
+    def grads(fn):
+        head.zero_grad()
+        hidden.grad = None
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            loss = fn()
+        loss.backward()
+        return [loss.detach()] + [t.grad.clone() for t in (hidden, head.weight) + ((head.bias,) if bias else ())]
+
+    want = grads(reference)
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    assert _fusable(head)
+    fused = grads(lambda: chunked_lm_loss(hidden, labels, head, softcap=softcap, logit_scale=scale, chunk_tokens=5))
+    wrapped = torch.nn.Sequential(head)  # not a plain Linear: the checkpointed path
+    wrapped.weight = head.weight
+    assert not _fusable(wrapped)
+    ckpt = grads(lambda: chunked_lm_loss(hidden, labels, wrapped, softcap=softcap, logit_scale=scale,
+                                         chunk_tokens=5))
+    for got in (fused, ckpt):
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a.float(), b.float(), **tol)
+
+
 def test_chunked_ce_is_on_for_big_vocabularies_and_trains(tiny_model_dir, tmp_path):
     from types import SimpleNamespace
 
     from core.stages import sft
     from core.stages.efficiency import chunked_ce_wanted
 
-    assert chunked_ce_wanted(LLMTrainingParams(), SimpleNamespace(vocab_size=262_144))
-    assert not chunked_ce_wanted(LLMTrainingParams(), SimpleNamespace(vocab_size=32_000))
-    assert not chunked_ce_wanted(LLMTrainingParams(chunked_ce=False), SimpleNamespace(vocab_size=262_144))
+    small = dict(batch_size=2, block_size=256)
+    assert chunked_ce_wanted(LLMTrainingParams(**small), SimpleNamespace(vocab_size=262_144))
+    assert not chunked_ce_wanted(LLMTrainingParams(**small), SimpleNamespace(vocab_size=32_000))
+    # a 49k vocabulary at batch 8 x 256: 402 MB of fp32 logits, so on
+    assert chunked_ce_wanted(LLMTrainingParams(batch_size=8, block_size=256), SimpleNamespace(vocab_size=49_152))
+    assert not chunked_ce_wanted(LLMTrainingParams(chunked_ce=False, **small), SimpleNamespace(vocab_size=262_144))
     p = base_params(tiny_model_dir, write_alpaca(tmp_path / "t.jsonl"), tmp_path / "o", chunked_ce=True,
                     max_steps=2)
     assert Project(p, process=False).create() == 0
@@ -443,3 +491,22 @@ def test_pt_neat_packing_keeps_documents_whole_and_trains(tiny_model_dir, tmp_pa
     assert sum(r["position_ids"].count(0) for r in rows) == len(DOCS) * 2  # every document starts at 0
     trainer.train()
     assert trainer.state.global_step == 2
+
+
+# ---------------------------------------------------------------------------- the CPU allocator
+
+def test_cpu_runs_train_with_jemalloc(tiny_model_dir, tmp_path):
+    """A CPU run's process gets jemalloc preloaded (glibc's malloc keeps freed activation memory:
+    bench/allocator.py), unless the user preloads something else or asks for the system one."""
+    from core import launch
+
+    lib = launch.jemalloc_path()
+    assert lib, "libjemalloc2 is not installed: scripts/install.sh installs it (apt-get install libjemalloc2)"
+    p = base_params(tiny_model_dir, write_alpaca(tmp_path / "t.jsonl"), tmp_path / "o", max_steps=1)
+    cfg = tmp_path / "c.yaml"
+    _, env = launch.prepare(p, cfg, base_env={"PATH": os.environ["PATH"]})
+    assert env["LD_PRELOAD"] == lib and env["MALLOC_CONF"] == launch.JEMALLOC_CONF
+    assert "LD_PRELOAD" not in launch.prepare(p, cfg, base_env={"AITRAINING_ALLOCATOR": "system"})[1]
+    assert launch.prepare(p, cfg, base_env={"LD_PRELOAD": "/opt/mine.so"})[1]["LD_PRELOAD"] == "/opt/mine.so"
+    assert Project(p).create() == 0  # a real training subprocess, started the way the CLI and UI start it
+    assert "memory allocator: jemalloc" in (tmp_path / "o" / "running.log").read_text()

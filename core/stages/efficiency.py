@@ -4,8 +4,9 @@
   peft's create_loraplus_optimizer), Adam-mini and BAdam (their own packages, imported lazily);
   handed to the Trainer as an optimizer factory, so resume, schedulers and logging stay the Trainer's;
 - chunked cross-entropy: the model returns its final hidden states instead of logits, and the loss
-  is taken through lm_head one chunk of tokens at a time (each chunk recomputed in backward), so the
-  (tokens x vocab) logits never exist whole - the largest tensor of a 262k-vocabulary model.
+  is taken through lm_head one chunk of trained tokens at a time, the gradients made in the same
+  pass (core/model/chunked_ce.py), so the (tokens x vocab) logits never exist whole - the largest
+  tensor of a 262k-vocabulary model, and at batch 8 x 256 of a 49k one.
 """
 from __future__ import annotations
 
@@ -16,12 +17,10 @@ import torch
 from transformers import Trainer
 
 from core.errors import ConfigError
-from core.model.chunked_ce import chunked_lm_loss
+from core.model import chunked_ce as cce
 from core.params import EXTRA_OPTIMIZERS, LLMTrainingParams
 
 log = logging.getLogger("aitraining")
-
-AUTO_CHUNKED_CE_VOCAB = 100_000  # --chunked-ce unset: on from this vocabulary size (Gemma 262k, Qwen 151k)
 
 
 # ---------------------------------------------------------------------------- optimizers
@@ -104,10 +103,23 @@ def training_optim_name(params: LLMTrainingParams) -> str:
 # ---------------------------------------------------------------------------- chunked cross-entropy
 
 def chunked_ce_wanted(params: LLMTrainingParams, config) -> bool:
+    """--chunked-ce, or unset: on for a big vocabulary or when a micro-batch's logits would be big."""
     if params.chunked_ce is not None:
         return params.chunked_ce
-    vocab = getattr(config, "vocab_size", None) or getattr(getattr(config, "text_config", None), "vocab_size", 0)
-    return vocab >= AUTO_CHUNKED_CE_VOCAB
+    from core.model.memory import chunked_ce_on, seq_len_for
+
+    return chunked_ce_on(params, config, params.batch_size * seq_len_for(params, config))
+
+
+def logit_transform(config) -> tuple:
+    """(softcap, scale) the model applies to its logits: Gemma 2/3's final softcapping, Cohere's
+    logit_scale, Granite's 1 / logits_scaling; (None, None) for plain heads."""
+    text = getattr(config, "text_config", None) or config
+    softcap = getattr(text, "final_logit_softcapping", None)
+    scale = getattr(text, "logit_scale", None)
+    if getattr(text, "logits_scaling", None):
+        scale = 1.0 / text.logits_scaling
+    return softcap, scale
 
 
 class LMTrainer(Trainer):
@@ -126,8 +138,8 @@ class LMTrainer(Trainer):
                         logits_to_keep=torch.zeros(0, dtype=torch.long, device=ref.device))
         unwrapped = self.accelerator.unwrap_model(model)
         head = unwrapped.get_output_embeddings()
-        softcap = getattr(getattr(unwrapped, "config", None), "final_logit_softcapping", None)
-        loss = chunked_lm_loss(outputs.hidden_states[-1], labels, head, softcap=softcap,
+        softcap, scale = logit_transform(getattr(unwrapped, "config", None))
+        loss = cce.chunked_lm_loss(outputs.hidden_states[-1], labels, head, softcap=softcap, logit_scale=scale,
                                num_items_in_batch=num_items_in_batch if self.model_accepts_loss_kwargs else None)
         if (self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs
                 and num_items_in_batch is not None):
@@ -144,4 +156,7 @@ def configure_trainer(trainer, params: LLMTrainingParams, model_config=None) -> 
         liger = bool(getattr(trainer.args, "use_liger_kernel", False))  # its fused loss already chunks
         trainer.chunked_ce = chunked_ce_wanted(params, model_config) and not liger
         if trainer.chunked_ce:
-            log.info("chunked cross-entropy: logits computed %s at a time", "a chunk of tokens")
+            from core.model import memory
+
+            log.info("chunked cross-entropy: logits made %d trained tokens at a time, never whole",
+                     cce.chunk_size(memory._vocab(model_config)))

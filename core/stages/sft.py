@@ -20,7 +20,7 @@ def build_trainer(params: LLMTrainingParams, run_dir: Path):
     from transformers import DataCollatorForSeq2Seq, default_data_collator, set_seed
 
     from core.data.tokenize import NeatPackCollator, neat_pack_dataset, pack_dataset, tokenize_dataset
-    from core.stages.efficiency import LMTrainer
+    from core.stages.efficiency import LMTrainer, configure_trainer
 
     set_seed(params.seed)
     path, tokenizer, template, config = common.load_tokenizer_and_template(params)
@@ -68,6 +68,7 @@ def build_trainer(params: LLMTrainingParams, run_dir: Path):
         data_collator=collator,
         processing_class=tokenizer, callbacks=[RunLogCallback(run_dir, "sft")],
     )
+    configure_trainer(trainer, params, getattr(model, "config", None))  # optimizer factory, chunked loss
     return trainer, tokenizer, template, eval_ds is not None
 
 

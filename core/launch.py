@@ -160,6 +160,35 @@ def build_env(params: LLMTrainingParams, base: dict[str, str] | None = None) -> 
     return env
 
 
+# CPU training allocates and frees activation tensors of many sizes every step. glibc's malloc
+# raises its mmap threshold after the first big free and then fragments its heap, so a run's
+# resident memory grows well past what is live; jemalloc's size classes reuse freed memory. With
+# decay off, freed pages stay mapped for the next step instead of being returned and faulted in
+# again (a training process needs them back within seconds). Figures: bench/allocator.py.
+# AITRAINING_ALLOCATOR=system keeps glibc; a MALLOC_CONF of your own wins.
+JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
+JEMALLOC_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib",
+                 "/usr/local/lib", "/opt/homebrew/lib")
+
+
+def jemalloc_path() -> Optional[str]:
+    for d in JEMALLOC_DIRS:
+        path = Path(d) / "libjemalloc.so.2"
+        if path.is_file():
+            return str(path)
+    return None
+
+
+def allocator_env(env: dict[str, str]) -> dict[str, str]:
+    """env with jemalloc preloaded for a CPU run, when it is installed and nothing else is
+    preloaded (a user's LD_PRELOAD or AITRAINING_ALLOCATOR=system wins)."""
+    lib = jemalloc_path()
+    if lib and not env.get("LD_PRELOAD") and env.get("AITRAINING_ALLOCATOR", "jemalloc") != "system":
+        env = {**env, "LD_PRELOAD": lib}
+        env.setdefault("MALLOC_CONF", JEMALLOC_CONF)
+    return env
+
+
 def prepare(params: LLMTrainingParams, config_path: str | os.PathLike,
             base_env: dict[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
     """(argv, env) for a run, with the files the launcher reads written into the run directory."""
@@ -181,6 +210,8 @@ def prepare(params: LLMTrainingParams, config_path: str | os.PathLike,
         # Without it every CPU rank would train alone on all the data (accelerate's state only
         # takes the gloo path when told it is on a CPU). DeepSpeed picks gloo by itself.
         env["ACCELERATE_USE_CPU"] = "true"
+    if gpus == 0:
+        env = allocator_env(env)
     return cmd, env
 
 

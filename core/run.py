@@ -100,6 +100,7 @@ def train(params: LLMTrainingParams, run_dir: str | os.PathLike, *, console: boo
                  stage=params.stage, error=None, reason=None, step=None)
     try:
         log.info("run %s: trainer %s, model %s, data %s", run_dir, params.trainer, params.model, params.data_path)
+        log.info("memory allocator: %s", _allocator())
         if params.use_sweep:
             from core.sweep import run_sweep
 
@@ -193,6 +194,15 @@ def is_oom(e: BaseException) -> bool:
         if isinstance(x, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text):
             return True
     return False
+
+
+def _allocator() -> str:
+    """jemalloc when core.launch preloaded it into this process, else the C library's malloc."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return "system"
+    return "jemalloc" if "libjemalloc" in maps else "system (glibc malloc)"
 
 
 def memory_estimate(params: LLMTrainingParams) -> str:

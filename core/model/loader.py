@@ -298,7 +298,7 @@ def load_tokenizer(path, *, trust_remote_code: bool = False, padding_side: str =
 
 
 def load_model(path, *, dtype, attn_implementation: str, trust_remote_code: bool = False,
-               gradient_checkpointing: bool = False, model_class=None, **from_pretrained_kwargs):
+               gradient_checkpointing=False, model_class=None, **from_pretrained_kwargs):
     """from_pretrained with our choices. model_class defaults to AutoModelForCausalLM; extra
     keyword arguments (quantization_config, device_map, num_labels, ...) go to from_pretrained."""
     from transformers import AutoModelForCausalLM
@@ -314,11 +314,18 @@ def load_model(path, *, dtype, attn_implementation: str, trust_remote_code: bool
                   "using eager attention")
         model = cls.from_pretrained(path, attn_implementation="eager", **kwargs)
     if gradient_checkpointing:
+        # True: every decoder layer; an int k: the first k (the rest keep their activations).
         # non-reentrant checkpointing works with frozen inputs; input grads cover reentrant paths
         if hasattr(model, "activation_checkpointing_enable"):  # the transformers 5 name
             model.activation_checkpointing_enable({"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if gradient_checkpointing is not True:
+            from transformers.modeling_layers import GradientCheckpointingLayer
+
+            layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+            for layer in layers[int(gradient_checkpointing):]:
+                layer.gradient_checkpointing = False
         model.config.use_cache = False
         model.enable_input_require_grads()
     return model

@@ -11,8 +11,11 @@ Peak memory of one training step is the sum of
 - activations kept for the backward pass: per token and decoder layer, a number of hidden-size
   and intermediate-size vectors (counted from what the Llama-style layer saves: norms, q/k/v,
   RoPE copies, attention output, the gated MLP; LoRA dropout adds copies of each adapted
-  input), plus the logits, their log-softmax and their gradients (vocabulary-sized, fp32);
-  with gradient checkpointing only each layer's input is kept, and one layer is recomputed;
+  input), plus the logits, their log-softmax and their gradients (vocabulary-sized, fp32), or
+  one chunk of them with chunked cross-entropy; a checkpointed layer keeps only its input, and
+  one layer's activations live while it is recomputed. On a CPU checkpointing covers only as
+  many layers as the budget needs (checkpoint_layers); under bf16/fp16 autocast some vectors
+  stay fp32 (RMSNorm computes in fp32; peft's adapters are fp32);
 - a small fixed overhead of the training loop (allocator slack, optimizer bookkeeping).
 
 The parameter counts are exact: the model is built on PyTorch's meta device (no memory) and the
@@ -49,6 +52,9 @@ MAX_MEMORY_ENV = "AITRAINING_MAX_MEMORY_GB"  # a memory budget for the check (te
 #   LoRA with dropout: each adapted Linear keeps a dropped-out copy of its input and a mask.
 ACT_HIDDEN = 14.0
 ACT_INTER = 4.0
+# Under bf16/fp16 the layer keeps about this many hidden-size vectors per token in fp32 on top
+# (RMSNorm upcasts its input, the normalised copy; RoPE's products): measured, SmolLM2 LoRA bf16.
+ACT_UPCAST_HIDDEN = 5.0
 # Vocabulary-sized fp32 tensors alive at the peak (at the start of the backward pass): the
 # logits, their log-softmax, and the gradient of each.
 ACT_VOCAB = 4.0
@@ -82,6 +88,8 @@ class Estimate:
     total_params: int
     trainable_params: int
     checkpointing: bool
+    checkpointed_layers: int        # of `layers` (all of them when checkpointing is simply on)
+    layers: int
     step_seconds: float             # one optimizer step (gradient_accumulation micro-batches)
     flops_per_step: float
     device_flops: float
@@ -98,7 +106,8 @@ class Estimate:
     def summary(self) -> str:
         g = lambda b: f"{b / GIB:.2f}"  # noqa: E731
         avail = f" of {g(self.available)} GiB available" if self.available is not None else ""
-        ckpt = ", gradient checkpointing" if self.checkpointing else ""
+        part = f" on {self.checkpointed_layers} of {self.layers} layers" if 0 < self.checkpointed_layers < self.layers else ""
+        ckpt = f", gradient checkpointing{part}" if self.checkpointing else ""
         return (f"memory estimate: peak ~{g(self.total)} GiB{avail} on {self.device} (weights {g(self.weights)}, "
                 f"gradients {g(self.gradients)}, optimizer {g(self.optimizer)}, activations "
                 f"{g(self.activations)}, overhead {g(self.overhead)}; batch {self.batch_size} x "
@@ -322,12 +331,13 @@ def estimate(params, **kw) -> Optional[Estimate]:
 
 
 def _estimate(params, *, config=None, device: Optional[str] = None, seq_len: Optional[int] = None,
-              batch_size: Optional[int] = None, checkpointing: Optional[bool] = None,
+              batch_size: Optional[int] = None, checkpointing=None,
               available: Optional[float] = -1.0) -> Optional[Estimate]:
     """The estimate for these parameters, or None when the model's config is not on this machine.
 
     seq_len defaults to the longest a batch can be (a safe upper bound); batch_size and
-    checkpointing default to the run's; available=-1 means: ask the device."""
+    checkpointing default to the run's (True: every layer, an int k: the first k layers, as
+    checkpoint_layers returns); available=-1 means: ask the device."""
     import torch
 
     from core.model.loader import pick_dtype
@@ -363,15 +373,22 @@ def _estimate(params, *, config=None, device: Optional[str] = None, seq_len: Opt
     tokens = b * s * (2 if stage in ("dpo", "orpo", "simpo", "kto", "reward") else 1)
     h, i, L = shape.hidden, shape.inter, shape.layers
     per_layer = ACT_HIDDEN * h + 4 * h * shape.kv_ratio + ACT_INTER * i
-    if lora and params.lora_dropout > 0:
-        per_layer += shape.adapted_inputs * (1 + 1 / wb)  # dropped-out copy + bool mask
+    if lora and (params.lora_dropout > 0 or wb < 4):
+        # peft runs the adapters in fp32: each adapted input is kept as an fp32 (dropped-out)
+        # copy, plus the dropout's bool mask
+        per_layer += shape.adapted_inputs * ((4 + (params.lora_dropout > 0)) / wb)
+    if wb < 4:
+        per_layer += ACT_UPCAST_HIDDEN * h * 4 / wb
     if (params.attn_implementation or "sdpa") == "eager":
         per_layer += 2 * shape.heads * s  # attention probabilities (and their dropout input)
-    if ckpt:  # only each layer's input is kept; one layer's activations live during recompute
-        layer_acts = tokens * h * wb * L + tokens * per_layer * wb
+    k = L if ckpt is True else min(L, int(ckpt or 0))  # checkpointed layers keep their input only; one
+    layer_acts = tokens * wb * (k * h + (L - k) * per_layer + (per_layer if k else 0))  # is recomputed
+    if chunked_ce_on(params, config, b * s) and stage in ("sft", "pt"):
+        # one chunk's fp32 logits (turned into the softmax in place) and the matmul's output,
+        # plus the hidden-state gradient made in the forward pass
+        vocab_acts = 2 * chunk_size(shape.vocab) * shape.vocab * 4 + tokens * h * wb
     else:
-        layer_acts = tokens * per_layer * wb * L
-    vocab_acts = tokens * shape.vocab * 4 * ACT_VOCAB  # the loss upcasts logits to fp32
+        vocab_acts = tokens * shape.vocab * 4 * ACT_VOCAB  # the loss upcasts logits to fp32
     activations = layer_acts + vocab_acts
     overhead = CUDA_OVERHEAD if device == "cuda" else CPU_OVERHEAD
 
@@ -379,7 +396,7 @@ def _estimate(params, *, config=None, device: Optional[str] = None, seq_len: Opt
     # gradients (a frozen base needs no weight gradients); attention ~ 4*s*h per token per layer,
     # times 3 for forward+backward; checkpointing adds one more forward.
     fwd = 2 * shape.total * tokens + 4 * tokens * s * h * L / 2
-    flops = fwd * (3 if ckpt else 2) + 2 * shape.trainable * tokens
+    flops = fwd * (2 + k / L) + 2 * shape.trainable * tokens
     flops *= params.gradient_accumulation
     dev_flops = device_flops(device)
     # fp16/bf16 on a GPU run at the table's peak; fp32 there at about half of it (TF32)
@@ -394,7 +411,8 @@ def _estimate(params, *, config=None, device: Optional[str] = None, seq_len: Opt
     return Estimate(weights=weights, gradients=gradients, optimizer=optimizer, activations=activations,
                     overhead=overhead, available=available, device=device, batch_size=b, seq_len=s,
                     gradient_accumulation=params.gradient_accumulation, total_params=shape.total,
-                    trainable_params=shape.trainable, checkpointing=ckpt, step_seconds=step_s,
+                    trainable_params=shape.trainable, checkpointing=bool(k), checkpointed_layers=k,
+                    layers=L, step_seconds=step_s,
                     flops_per_step=flops, device_flops=dev_flops, notes=notes)
 
 
@@ -423,12 +441,46 @@ def default_checkpointing(params, device: str) -> bool:
     return not params.disable_gradient_checkpointing and device == "cuda"
 
 
-def needs_checkpointing(params, device: str, config=None, seq_len: Optional[int] = None) -> bool:
-    """On a CPU: turn gradient checkpointing on only when the run would not fit without it."""
+def checkpoint_layers(params, device: str, config=None, seq_len: Optional[int] = None):
+    """How many decoder layers to checkpoint: True (all), or a count (0: none).
+
+    On an accelerator: all unless disabled. On a CPU, where recomputing costs a third to a half
+    more compute and memory is usually ample: none when the run fits without it, else the fewest
+    layers that make it fit the budget with the margin (all when nothing fits)."""
     if params.disable_gradient_checkpointing or device == "cuda":
         return default_checkpointing(params, device)
-    est = estimate(params, config=config, device=device, checkpointing=False, seq_len=seq_len)
-    return bool(est is not None and not est.fits)
+    if config is None:
+        config = config_if_local(params.model, params.trust_remote_code)
+    est = estimate(params, config=config, device=device, checkpointing=0, seq_len=seq_len)
+    if est is None or est.available is None or est.total <= est.available * MARGIN:
+        return 0
+    for k in range(1, est.layers):
+        e = estimate(params, config=config, device=device, checkpointing=k, seq_len=seq_len,
+                     available=est.available)
+        if e.total <= est.available * MARGIN:
+            return k
+    return True
+
+
+def chunked_ce_on(params, config, tokens: int) -> bool:
+    """--chunked-ce, or unset: on for a big vocabulary or when a micro-batch of `tokens` tokens
+    would make big logits (core/model/chunked_ce.py's rule)."""
+    if params.chunked_ce is not None:
+        return bool(params.chunked_ce)
+    from core.model.chunked_ce import wanted
+
+    return wanted(_vocab(config), tokens)
+
+
+def chunk_size(vocab: int) -> int:
+    from core.model.chunked_ce import chunk_size as size
+
+    return size(vocab)
+
+
+def _vocab(config) -> int:
+    text = getattr(config, "text_config", None) or config
+    return int(getattr(text, "vocab_size", None) or getattr(config, "vocab_size", 0) or 0)
 
 
 # ---------------------------------------------------------------------------- fitting the batch

@@ -22,10 +22,9 @@ def device_type() -> str:
 
 def cutoff_len(params: LLMTrainingParams, config: Any) -> int:
     """--block-size, or -1: the model's context (max_position_embeddings) capped by --model-max-length."""
-    if params.block_size > 0:
-        return params.block_size
-    model_ctx = getattr(config, "max_position_embeddings", None) or params.model_max_length
-    return min(params.model_max_length, model_ctx)
+    from core.model.memory import seq_len_for
+
+    return seq_len_for(params, config)
 
 
 def load_tokenizer_and_template(params: LLMTrainingParams):
@@ -68,11 +67,13 @@ def load_trainable_model(params: LLMTrainingParams, path, model_class=None, seq_
     # costs a second forward pass: keep it for accelerators unless the user disabled it.
     checkpointing = not params.disable_gradient_checkpointing and device_type() == "cuda"
     if device_type() == "cpu" and seq_len and not params.disable_gradient_checkpointing:
-        from core.model.memory import needs_checkpointing
+        from core.model.memory import checkpoint_layers
 
-        if needs_checkpointing(params, "cpu", seq_len=seq_len):
-            checkpointing = True
-            log.info("gradient checkpointing on: the memory estimate does not fit without it")
+        checkpointing = checkpoint_layers(params, "cpu", config=config, seq_len=seq_len)
+        if checkpointing:
+            n_layers = getattr(getattr(config, "text_config", None) or config, "num_hidden_layers", 0)
+            log.info("gradient checkpointing on %s: the memory estimate does not fit without it",
+                     "every layer" if checkpointing is True else f"{checkpointing} of {n_layers} layers")
     if not checkpointing and not params.disable_gradient_checkpointing:
         log.info("gradient checkpointing off on CPU (it would recompute activations for no memory need)")
     extra = {"config": rope_scaled_config(params, path)} if params.rope_scaling else {}

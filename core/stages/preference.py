@@ -115,7 +115,7 @@ def build_trainer(params: LLMTrainingParams, run_dir: Path, *, config_class, tra
              len(train_ds), len(eval_ds) if eval_ds is not None else 0, kind, params.max_prompt_length,
              params.max_completion_length or "rest", cutoff)
 
-    model, dtype = common.load_trainable_model(params, path)
+    model, dtype = common.load_trainable_model(params, path, seq_len=cutoff)
     extra = {}
     if reference:
         extra["ref_model"] = reference_model(params, model, dtype)

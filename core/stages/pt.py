@@ -78,7 +78,7 @@ def build_trainer(params: LLMTrainingParams, run_dir: Path):
     log.info("data: %d documents -> %d training and %d validation blocks of %d tokens", len(train_records),
              len(train_ds), len(eval_ds) if eval_ds is not None else 0, block)
 
-    model, dtype = common.load_trainable_model(params, path)
+    model, dtype = common.load_trainable_model(params, path, seq_len=block)
     args = common.training_args(params, run_dir, n_train=len(train_ds), has_eval=eval_ds is not None,
                                 dtype=dtype)
     from core.data.tokenize import NeatPackCollator

@@ -5,8 +5,12 @@
     python bench/throughput.py --model gemma                           # packaged Gemma 3 270M
 
 (a) ours:     this project's engine (core.stages.sft.build_trainer) with its own choices (fp32 on
-              a CPU, no gradient checkpointing when memory is ample, SDPA, data tokenized once)
-              and --packing (full blocks of --seq tokens);
+              a CPU, SDPA, data tokenized once, chunked cross-entropy when the batch's logits
+              are big, gradient checkpointing on only as many layers as the memory budget needs)
+              and --packing (full blocks of --seq tokens). With --budget baseline (the default)
+              ours is given the baseline's measured peak memory of the same repetition as its
+              budget (--max-memory-gb, less what the process holds before the model loads) and
+              must choose how to stay under it; --budget none lets it use the free memory;
     ours-bf16: the same with --mixed-precision bf16, run only where the device has native bf16
               (a CPU with AVX512-BF16/AMX, most GPUs);
 (b) baseline: transformers Trainer + peft written here with library defaults: tokenize with
@@ -160,12 +164,13 @@ def run_ours(cfg: dict, meter: Meter) -> dict:
     from core.params import LLMTrainingParams
     from core.stages import sft
 
+    budget = _budget_gb(cfg)  # before the model loads
     params = LLMTrainingParams(
         model=cfg["model"], data_path=cfg["data"], project_name=cfg["out"], trainer="sft", peft=True,
         lora_r=LORA["r"], lora_alpha=LORA["lora_alpha"], lora_dropout=LORA["lora_dropout"],
         target_modules=LORA["target_modules"], batch_size=cfg["batch"], gradient_accumulation=1,
         max_steps=cfg["steps"], lr=LR, seed=cfg["seed"], block_size=cfg["seq"], packing=True, log="none",
-        mixed_precision=cfg.get("mixed_precision"),
+        mixed_precision=cfg.get("mixed_precision"), max_memory_gb=budget,
         save_strategy="no", eval_strategy="no", logging_steps=1000, merge_adapter=False,
         chat_template=None if cfg["chat"] else "none")
     trainer, *_ = sft.build_trainer(params, Path(cfg["out"]))
@@ -175,7 +180,21 @@ def run_ours(cfg: dict, meter: Meter) -> dict:
     trainer.train()
     res = meter.result(*_counts(trainer.model))
     res["packed"] = all(n == cfg["seq"] for n in lengths)
+    res["chunked_ce"] = bool(getattr(trainer, "chunked_ce", False))
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in trainer.model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    res["checkpointed"] = f"{sum(bool(m.gradient_checkpointing) for m in layers)}/{len(layers)}"
+    res["budget_gib"] = budget
     return res
+
+
+def _budget_gb(cfg: dict):
+    """The run's memory budget in GiB: the baseline's peak RSS less this process's RSS now (Python
+    and the libraries, before any model loads), or None without a budget."""
+    if not cfg.get("budget_bytes"):
+        return None
+    return max(0.1, (cfg["budget_bytes"] - _status_bytes("VmRSS")) / 2 ** 30)
 
 
 def run_baseline(cfg: dict, meter: Meter) -> dict:
@@ -241,6 +260,10 @@ def spawn(engine: str, cfg: dict, timeout: float) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO), "BENCH_T0": repr(time.time()), "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "WANDB_MODE": "disabled"}
+    if engine.startswith("ours"):  # the environment our launcher gives a CPU run (jemalloc)
+        from core.launch import allocator_env
+
+        env = allocator_env(env) if not _cuda() else env
     cfg = {**cfg, "out": tempfile.mkdtemp(prefix=f"bench-{engine}-")}
     try:
         proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", engine,
@@ -252,6 +275,20 @@ def spawn(engine: str, cfg: dict, timeout: float) -> dict:
         if line.startswith("BENCH_RESULT "):
             return json.loads(line[len("BENCH_RESULT "):])
     return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+
+
+def _choices(res: dict) -> str:
+    if "checkpointed" not in res:
+        return ""
+    budget = f"budget {res['budget_gib']:.2f} GiB, " if res.get("budget_gib") else ""
+    return (f" [{budget}chunked CE {'on' if res.get('chunked_ce') else 'off'}, "
+            f"checkpointed layers {res['checkpointed']}]")
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def native_bf16() -> bool:
@@ -318,6 +355,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=256, help="max sequence length (and the packing block)")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--engines", default=",".join(ENGINES), help="comma-separated subset of ours,baseline,trl")
+    ap.add_argument("--budget", choices=("baseline", "none"), default="baseline",
+                    help="ours's memory budget: the baseline's peak of the same repetition, or none")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per run")
     ap.add_argument("--json", help="also write the raw results here")
     ap.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
@@ -347,15 +386,22 @@ def main(argv=None) -> int:
         print("ours-bf16 skipped: this device has no native bf16 (it would be emulated, slower than fp32)")
         engines.remove("ours-bf16")
     results: dict[str, list[dict]] = {e: [] for e in engines}
+    if ns.budget == "baseline" and "baseline" in engines:
+        engines.remove("baseline")
+        engines.insert(0, "baseline")  # first, so ours can be given its peak as the budget
     for rep in range(ns.reps):
+        budget = None
         for engine in engines:
             start = time.time()
-            res = spawn(engine, cfg, ns.timeout)
+            res = spawn(engine, {**cfg, "budget_bytes": budget} if engine.startswith("ours") else cfg, ns.timeout)
+            if engine == "baseline" and ns.budget == "baseline" and "error" not in res:
+                budget = res["peak_mib"] * 2 ** 20
             results[engine].append(res)
             print(f"rep {rep + 1} {engine}: " + (res.get("error") or
                   f"{res['tokens_per_s']:.1f} tokens/s, peak {res['peak_mib']:.0f} MiB, padding "
                   f"{res['padding']:.1%}, first step {res['first_step_s']:.1f} s"
-                  + (", packed" if res.get("packed") else "")) + f" ({time.time() - start:.0f} s)", flush=True)
+                  + (", packed" if res.get("packed") else "") + _choices(res)) + f" ({time.time() - start:.0f} s)",
+                  flush=True)
             if ns.json:  # after every run, so a long benchmark stopped early keeps what it measured
                 Path(ns.json).write_text(json.dumps({"config": cfg, "results": results}, indent=1))
     import peft

@@ -1,4 +1,4 @@
-"""bench/throughput.py runs end to end (smoke test: tiny model, one repetition, two steps)."""
+"""bench/throughput.py and bench/allocator.py run end to end (smoke tests: tiny model, one repetition)."""
 import json
 import os
 import subprocess
@@ -26,3 +26,17 @@ def test_throughput_bench_smoke(tmp_path):
     # the three trained the same LoRA shape on the same model
     assert len({r[0]["trainable"] for r in results.values()}) == 1
     assert "| ours | **median** |" in res.stdout and "ours / baseline: trained tokens/s x" in res.stdout
+    # baseline ran first and ours got its peak as the memory budget, less what its process held
+    (ours,), (base,) = results["ours"], results["baseline"]
+    assert 0 < ours["budget_gib"] < base["peak_mib"] / 1024
+    assert ours["checkpointed"].endswith("/2")
+
+
+@pytest.mark.slow
+def test_allocator_bench_smoke():
+    res = subprocess.run([sys.executable, str(REPO / "bench" / "allocator.py"), "--model", "tiny", "--reps", "1",
+                          "--steps", "2"], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert res.stdout.count("| jemalloc |") == 2 and res.stdout.count("| system |") == 2
+    assert "checkpointing off: jemalloc / glibc peak growth x" in res.stdout

@@ -292,15 +292,12 @@ def _cuda() -> bool:
 
 
 def native_bf16() -> bool:
-    """bf16 matmuls in hardware: a CUDA GPU that supports it, or a CPU with AVX512-BF16 / AMX."""
+    """bf16 matmuls in hardware: a CUDA GPU that supports them, or a CPU with AVX512-BF16 / AMX."""
     import torch
 
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+    from core.model.loader import cpu_has_native_bf16
+
+    return torch.cuda.is_bf16_supported() if _cuda() else cpu_has_native_bf16()
 
 
 def median(values):

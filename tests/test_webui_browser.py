@@ -163,8 +163,9 @@ def test_train_watch_and_chat(server, browser, tmp_path):
     assert "chatml" in ui.pg.locator("#chat-loaded").inner_text()
     ui.pg.locator("#chat-input textarea").fill("Who are you?")
     ui.pg.locator("#btn-chat-send").click()
-    ui.pg.wait_for_function(
-        "document.querySelectorAll('#chat-bot .message-row').length >= 2", timeout=120_000)
+    ui.pg.wait_for_function(  # the reply's row appears before its streamed text
+        "document.querySelectorAll('#chat-bot .message-row').length >= 2 && "
+        "document.querySelectorAll('#chat-bot .message-row')[1].innerText.trim().length > 0", timeout=120_000)
     ui.shot("chat")
     reply = ui.pg.locator("#chat-bot .message-row").nth(1).inner_text().strip()
     assert reply, "empty reply"

@@ -217,7 +217,9 @@ def test_five_sessions_share_one_run_and_none_blocks_another(server, browser, tm
     step_before = int(a.progress("data-step"))
     c.pg.locator("#chat-input textarea").fill("Who are you?")
     c.pg.locator("#btn-chat-send").click()
-    c.wait("document.querySelectorAll('#chat-bot .message-row').length >= 2", timeout=180_000)
+    # the reply's row appears first and its text streams in after: wait for the text
+    c.wait("document.querySelectorAll('#chat-bot .message-row').length >= 2 && "
+           "document.querySelectorAll('#chat-bot .message-row')[1].innerText.trim().length > 0", timeout=180_000)
     assert c.pg.locator("#chat-bot .message-row").nth(1).inner_text().strip()
     c.shot("chat-while-training")
     assert read_status(run_dir)["state"] == "running"

@@ -88,10 +88,11 @@ def main() -> int:
     if not jemalloc_path():
         raise SystemExit("libjemalloc2 is not installed (apt-get install libjemalloc2)")
     if ns.model == "tiny":
-        from tests.conftest import build_tiny_model
-
         import tempfile
-        ns.model_id = str(build_tiny_model(Path(tempfile.mkdtemp()) / "tiny", hidden=64, layers=2))
+
+        from throughput import build_tiny  # the same random tiny Llama the throughput bench trains
+
+        ns.model_id = str(build_tiny(Path(tempfile.mkdtemp()) / "tiny"))
     else:
         ns.model_id = {"smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}.get(ns.model, ns.model)
     print(f"model {ns.model_id}, batch {ns.batch} x {ns.seq} tokens, {ns.steps} steps, {ns.reps} reps")

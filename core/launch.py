@@ -182,8 +182,14 @@ def jemalloc_path() -> Optional[str]:
 def allocator_env(env: dict[str, str]) -> dict[str, str]:
     """env with jemalloc preloaded for a CPU run, when it is installed and nothing else is
     preloaded (a user's LD_PRELOAD or AITRAINING_ALLOCATOR=system wins)."""
+    choice = env.get("AITRAINING_ALLOCATOR", "jemalloc").strip().lower()
+    if choice not in ("jemalloc", "system"):
+        from core.errors import ConfigError
+
+        raise ConfigError(f"AITRAINING_ALLOCATOR={choice!r} is not an allocator this knows. Fix: set it to "
+                          "jemalloc (the default for CPU runs) or system (the C library's malloc), or unset it")
     lib = jemalloc_path()
-    if lib and not env.get("LD_PRELOAD") and env.get("AITRAINING_ALLOCATOR", "jemalloc") != "system":
+    if lib and not env.get("LD_PRELOAD") and choice == "jemalloc":
         env = {**env, "LD_PRELOAD": lib}
         env.setdefault("MALLOC_CONF", JEMALLOC_CONF)
     return env

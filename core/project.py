@@ -24,12 +24,6 @@ from core.launch import STOP_GRACE_S
 from core.params import LLMTrainingParams
 
 
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 class Project:
     def __init__(self, params: LLMTrainingParams, backend: str = "local", process: bool = True):
         if backend != "local" or params.backend != "local":
@@ -84,7 +78,9 @@ class Project:
             self.estimate = None
             return
         seq = memory.data_seq_len(p, config, records)
-        device = "cuda" if _cuda() else "cpu"
+        from core.model.loader import cpu_has_native_bf16, training_device
+
+        device = training_device()
         if p.auto_find_batch_size:
             b, ga, _ = memory.find_batch_size(p, config=config, device=device, seq_len=seq,
                                               n_train=len(records) if records else None)
@@ -98,8 +94,6 @@ class Project:
         if device == "cpu" and layers:
             self.notes.append(f"gradient checkpointing on {est.checkpointed_layers} of {est.layers} layers: "
                               "without it the run would not fit in memory")
-        from core.model.loader import cpu_has_native_bf16
-
         if device == "cpu" and not p.mixed_precision and cpu_has_native_bf16():
             self.notes.append("this CPU computes bf16 natively (AVX512-BF16/AMX): --mixed-precision bf16 trains "
                               "about 1.6-2x faster in about the same memory (bench/RESULTS.md)")

@@ -202,7 +202,12 @@ def _allocator() -> str:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
         return "system"
-    return "jemalloc" if "libjemalloc" in maps else "system (glibc malloc)"
+    if "libjemalloc" in maps:
+        return "jemalloc"
+    from core.launch import jemalloc_path
+
+    hint = "" if jemalloc_path() else "; on a CPU, apt-get install libjemalloc2 lowers the peak memory"
+    return f"system (the C library's malloc{hint})"
 
 
 def memory_estimate(params: LLMTrainingParams) -> str:
@@ -210,16 +215,9 @@ def memory_estimate(params: LLMTrainingParams) -> str:
     try:
         from core.model import memory
 
-        return memory.estimate(params, config=memory.config_if_local(params.model, params.trust_remote_code),
-                               device="cuda" if _cuda_available() else "cpu").summary()
+        return memory.estimate(params, config=memory.config_if_local(params.model, params.trust_remote_code)).summary()
     except Exception as err:  # the estimate must never hide the real error
         return f"(no memory estimate: {err})"
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def oom_message(e: BaseException, params: LLMTrainingParams) -> str:

@@ -499,6 +499,7 @@ def test_cpu_runs_train_with_jemalloc(tiny_model_dir, tmp_path):
     """A CPU run's process gets jemalloc preloaded (glibc's malloc keeps freed activation memory:
     bench/allocator.py), unless the user preloads something else or asks for the system one."""
     from core import launch
+    from core.errors import ConfigError
 
     lib = launch.jemalloc_path()
     assert lib, "libjemalloc2 is not installed: scripts/install.sh installs it (apt-get install libjemalloc2)"
@@ -508,5 +509,7 @@ def test_cpu_runs_train_with_jemalloc(tiny_model_dir, tmp_path):
     assert env["LD_PRELOAD"] == lib and env["MALLOC_CONF"] == launch.JEMALLOC_CONF
     assert "LD_PRELOAD" not in launch.prepare(p, cfg, base_env={"AITRAINING_ALLOCATOR": "system"})[1]
     assert launch.prepare(p, cfg, base_env={"LD_PRELOAD": "/opt/mine.so"})[1]["LD_PRELOAD"] == "/opt/mine.so"
+    with pytest.raises(ConfigError, match="AITRAINING_ALLOCATOR='tcmalloc'.*jemalloc.*system"):
+        launch.prepare(p, cfg, base_env={"AITRAINING_ALLOCATOR": "tcmalloc"})
     assert Project(p).create() == 0  # a real training subprocess, started the way the CLI and UI start it
     assert "memory allocator: jemalloc" in (tmp_path / "o" / "running.log").read_text()

@@ -176,6 +176,13 @@ def check_model_dir(path: Path, flag: str = "--model") -> dict:
 
 # ---------------------------------------------------------------------------- device, dtype, attention
 
+def training_device() -> str:
+    """Where a run trains and what the memory estimate plans for: "cuda" or "cpu"."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def pick_device() -> str:
     import torch
 

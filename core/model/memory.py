@@ -282,7 +282,7 @@ def _shape(params, config) -> _Shape:
     return _Shape(total=total, trainable=trainable, quantizable=quantizable, adapted_inputs=adapted,
                   hidden=hidden, inter=int(getattr(text, "intermediate_size", 4 * hidden) or 4 * hidden),
                   layers=int(getattr(text, "num_hidden_layers", 1) or 1),
-                  vocab=int(getattr(text, "vocab_size", 0) or 0), heads=heads, kv_ratio=kv / heads)
+                  vocab=vocab_size(config), heads=heads, kv_ratio=kv / heads)
 
 
 def _parent(model, name: str):
@@ -340,13 +340,13 @@ def _estimate(params, *, config=None, device: Optional[str] = None, seq_len: Opt
     checkpoint_layers returns); available=-1 means: ask the device."""
     import torch
 
-    from core.model.loader import pick_dtype
+    from core.model.loader import pick_dtype, training_device
 
     if config is None:
         config = config_if_local(params.model, params.trust_remote_code)
         if config is None:
             return None
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or training_device()
     shape = _shape_cached(params, config)
     b = int(batch_size or params.batch_size)
     s = int(seq_len or seq_len_for(params, config))
@@ -469,7 +469,7 @@ def chunked_ce_on(params, config, tokens: int) -> bool:
         return bool(params.chunked_ce)
     from core.model.chunked_ce import wanted
 
-    return wanted(_vocab(config), tokens)
+    return wanted(vocab_size(config), tokens)
 
 
 def chunk_size(vocab: int) -> int:
@@ -478,7 +478,7 @@ def chunk_size(vocab: int) -> int:
     return size(vocab)
 
 
-def _vocab(config) -> int:
+def vocab_size(config) -> int:
     text = getattr(config, "text_config", None) or config
     return int(getattr(text, "vocab_size", None) or getattr(config, "vocab_size", 0) or 0)
 

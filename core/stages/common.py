@@ -17,7 +17,9 @@ log = logging.getLogger("aitraining")
 
 
 def device_type() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    from core.model.loader import training_device
+
+    return training_device()
 
 
 def cutoff_len(params: LLMTrainingParams, config: Any) -> int:

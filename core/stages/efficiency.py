@@ -159,4 +159,4 @@ def configure_trainer(trainer, params: LLMTrainingParams, model_config=None) -> 
             from core.model import memory
 
             log.info("chunked cross-entropy: logits made %d trained tokens at a time, never whole",
-                     cce.chunk_size(memory._vocab(model_config)))
+                     cce.chunk_size(memory.vocab_size(model_config)))

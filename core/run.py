@@ -320,7 +320,23 @@ def main(argv: list[str] | None = None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     if Path(argv[0]).resolve() != (run_dir / "config.yaml").resolve() and is_main_process():
         config_io.save(params, run_dir / "config.yaml")
-    return train(params, run_dir)
+    try:
+        return train(params, run_dir)
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Tear down torch.distributed before the interpreter exits: left to exit-time destructors, a
+    rank's communication threads can be destroyed while still joinable ("terminate called without
+    an active exception", SIGABRT), which fails a run that trained and saved."""
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception as err:  # a finished run must not fail on its way out
+        log.warning("closing the process group: %s", err)
 
 
 if __name__ == "__main__":
